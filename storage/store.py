@@ -1,0 +1,142 @@
+"""Object stores: one small interface, a local-directory backend (the embedded default) and, by URI
+scheme, others (s3://bucket/prefix).
+
+Keys are '/'-separated relative paths (layer names with dots are used verbatim). Every put is atomic:
+a reader sees the whole object or none (local: write to a temp file in the same directory, then
+os.replace)."""
+from __future__ import annotations
+
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+
+from storage.errors import StoreError
+
+CONTENT_TYPES = {".json": "application/json", ".parquet": "application/vnd.apache.parquet",
+                 ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".html": "text/html",
+                 ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
+                 ".svg": "image/svg+xml", ".txt": "text/plain"}
+
+
+def content_type(key: str) -> str:
+    ext = os.path.splitext(key)[1].lower()
+    return CONTENT_TYPES.get(ext) or mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+class Store:
+    """Interface. `uri` is the store's own address, printed to users (never holds credentials)."""
+    uri: str
+
+    def put(self, key: str, data: bytes) -> None: raise NotImplementedError
+    def get(self, key: str) -> bytes: raise NotImplementedError
+    def exists(self, key: str) -> bool: raise NotImplementedError
+    def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
+    def delete(self, key: str) -> None: raise NotImplementedError
+    def open(self, key: str):
+        """A seekable binary file object for reading (Parquet readers fetch only the row groups
+        they need). KeyError when missing."""
+        raise NotImplementedError
+
+    def get_or_none(self, key: str) -> bytes | None:
+        try:
+            return self.get(key)
+        except KeyError:
+            return None
+
+    def local_path(self, key: str) -> str | None:
+        """A filesystem path for the key when the store is local (for viewers), else None."""
+        return None
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid store key {key!r}")
+    return key
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store path {str(self.root)!r} is a file, not a directory; pass a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store directory {str(self.root)!r}: {e.strerror}") from None
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        # the prefix may end mid-name ("units/a" matches "units/ab/..."): walk its directory
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(start):
+            for f in files:
+                if f.startswith(".tmp-"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
+
+    def open(self, key: str):
+        try:
+            return open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise KeyError(key) from None
+
+    def local_path(self, key: str) -> str | None:
+        return str(self._path(key))
+
+
+def open_store(uri: str) -> Store:
+    """'s3://bucket/prefix' -> S3 store; 'file://path' or a plain path -> local directory."""
+    if not uri or not str(uri).strip():
+        raise StoreError("empty store address; pass a directory or s3://bucket/prefix")
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        try:
+            from storage.s3 import S3Store
+        except ModuleNotFoundError:
+            raise StoreError("S3 stores are not available in this version; use a local directory") from None
+        return S3Store.from_uri(uri)
+    if "://" in uri and not uri.startswith("file://"):
+        raise StoreError(f"unsupported store address {uri!r}; use a directory path or s3://bucket/prefix")
+    return LocalStore(uri[len("file://"):] if uri.startswith("file://") else uri)
