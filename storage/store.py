@@ -95,10 +95,14 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
+        parts = prefix.split("/")
+        if prefix.startswith("/") or any(p in (".", "..") for p in parts) or "" in parts[:-1]:
+            raise ValueError(f"invalid store key prefix {prefix!r}")
         base = self.root / prefix if prefix else self.root
-        # the prefix may end mid-name ("units/a" matches "units/ab/..."): walk its directory
-        start = base if base.is_dir() else base.parent
-        if not start.exists():
+        # a prefix may end mid-name ("units/features.3" matches "units/features.30/..."): walk the
+        # parent unless the prefix names a directory explicitly (trailing '/')
+        start = base if (not prefix or prefix.endswith("/")) else base.parent
+        if not start.is_dir():
             return []
         out = []
         for dirpath, _dirs, files in os.walk(start):

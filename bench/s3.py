@@ -1,0 +1,148 @@
+"""Object-storage write throughput: S3Store against a local SeaweedFS (`weed mini`), from 1 vs 2
+parallel writers (Ray actors, as the atlas build writes).
+
+    .venv/bin/python bench/s3.py [--small 2000 --small-kb 24 --large 4 --large-mb 32 --writers 1,2]
+
+Starts its own server on free loopback ports in a temp dir (stopped by PID at the end), writes N
+small objects (unit images) and a few large ones (Parquet indexes, multipart) per configuration,
+prints MB/s and objects/s, and writes/replaces the "Object storage" section of BENCHMARKS.md."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SECTION = "## Object storage"
+
+
+def make_writer_class(ray):
+    @ray.remote(num_cpus=0.5)
+    class Writer:
+        def __init__(self, store, max_bytes: int, seed: int):
+            self.store = store  # unpickled here: makes its own client, from this process's env
+            self.payload = os.urandom(max_bytes)
+            self.seed = seed
+
+        def ready(self) -> bool:
+            self.store.exists("warmup/none")  # client created, connection opened
+            return True
+
+        def write(self, keys: list[str], size: int) -> tuple[int, int, float]:
+            t = time.perf_counter()
+            for i, k in enumerate(keys):
+                # distinct content per object (rotate the payload) without generating new bytes
+                off = (i * 7919 + self.seed) % 4096
+                self.store.put(k, self.payload[off:off + size])
+            return len(keys), len(keys) * size, time.perf_counter() - t
+
+    return Writer
+
+
+def run(args) -> list[dict]:
+    import ray
+
+    from storage.s3 import S3Store
+    from tests.s3server import SeaweedServer
+
+    rows = []
+    args.load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
+        server = SeaweedServer(Path(tmp) / "data", bucket="bench")
+        server.start()
+        try:
+            os.environ.update(server.env())  # the standard AWS chain, for the driver and the actors
+            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+                     runtime_env={"env_vars": server.env()})
+            Writer = make_writer_class(ray)
+            small, large = args.small_kb * 1024, args.large_mb * 1024 * 1024
+            for n_writers in args.writers:
+                store = S3Store.from_uri(f"s3://bench/w{n_writers}")
+                writers = [Writer.remote(store, max(small, large) + 4096, i) for i in range(n_writers)]
+                ray.get([w.ready.remote() for w in writers])
+                for kind, count, size in (("small", args.small, small), ("large", args.large, large)):
+                    keys = ([f"units/features.{i % 13}/{i}/top-0.jpg" for i in range(count)] if kind == "small"
+                            else [f"index/part-{i}.parquet" for i in range(count)])
+                    shards = [keys[j::n_writers] for j in range(n_writers)]
+                    t = time.perf_counter()
+                    res = ray.get([w.write.remote(s, size) for w, s in zip(writers, shards)])
+                    wall = time.perf_counter() - t
+                    n = sum(r[0] for r in res)
+                    nbytes = sum(r[1] for r in res)
+                    rows.append({"writers": n_writers, "kind": kind, "objects": n, "size": size,
+                                 "seconds": wall, "mb_s": nbytes / wall / 1e6, "obj_s": n / wall})
+                    print(f"writers={n_writers} {kind:5s} {n:5d} x {size / 1024:8.0f} KiB  "
+                          f"{wall:6.2f} s  {nbytes / wall / 1e6:7.1f} MB/s  {n / wall:7.1f} objects/s", flush=True)
+                    assert len(store.list(keys[0].split("/")[0] + "/")) == count
+                for w in writers:
+                    ray.kill(w)
+            args.load_after = os.getloadavg()[0]
+        finally:
+            try:
+                ray.shutdown()
+            finally:
+                server.stop()
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    import boto3
+
+    from tests.s3server import find_weed
+    weed_v = subprocess.run([find_weed(), "version"], capture_output=True, text=True).stdout.strip()
+    lines = [SECTION, "",
+             f"`bench/s3.py` ({time.strftime('%Y-%m-%d')}): `S3Store.put` from Ray actors (num_cpus=0.5 each) "
+             f"to a local SeaweedFS `weed mini` ({weed_v.split(' ')[2] if weed_v.count(' ') >= 2 else weed_v}) "
+             f"on the same machine ({os.cpu_count()} CPUs, {platform.machine()}, Python "
+             f"{platform.python_version()}, boto3 {boto3.__version__}). Small objects are unit images "
+             f"(one PUT each); large ones are index files ({args.large_mb} MiB, multipart in 16 MiB parts "
+             f"with 4 threads). Server and writers share the CPUs, so these numbers are a floor for a real "
+             f"object store, and mostly measure per-request overhead for small objects. "
+             f"Load average (1 min) before/after: {args.load_before:.1f}/{args.load_after:.1f}"
+             + (" (other jobs were competing for the CPUs: rerun on an idle machine to compare)"
+                if max(args.load_before, args.load_after) > (os.cpu_count() or 1) else "") + ".", "",
+             "| writers | objects | size | seconds | MB/s | objects/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        size = f"{r['size'] / 1024:.0f} KiB" if r["size"] < 1024 * 1024 else f"{r['size'] / 1024 / 1024:.0f} MiB"
+        lines.append(f"| {r['writers']} | {r['objects']} {r['kind']} | {size} | {r['seconds']:.2f} | "
+                     f"{r['mb_s']:.1f} | {r['obj_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pat = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
+    if pat.search(text):
+        text = pat.sub(lambda m: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", type=int, default=2000, help="number of small objects per configuration")
+    ap.add_argument("--small-kb", type=int, default=24, help="size of a small object (KiB)")
+    ap.add_argument("--large", type=int, default=4, help="number of large objects per configuration")
+    ap.add_argument("--large-mb", type=int, default=32, help="size of a large object (MiB)")
+    ap.add_argument("--writers", default="1,2", help="writer counts to compare, comma-separated")
+    ap.add_argument("--no-md", action="store_true", help="don't update BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    args.writers = [int(x) for x in args.writers.split(",")]
+    rows = run(args)
+    if not args.no_md:
+        write_section(ROOT / "BENCHMARKS.md", markdown(rows, args))
+        print(f"updated {ROOT / 'BENCHMARKS.md'} ({SECTION[3:]})")
+
+
+if __name__ == "__main__":
+    main()
