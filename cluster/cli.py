@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # subcommand -> module; order = order in `deepvis --help`
-COMMANDS = ["demo", "build", "status", "query", "optimize", "layers"]
+COMMANDS = ["demo", "build", "status", "query", "serve", "optimize", "layers"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

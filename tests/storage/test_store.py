@@ -233,3 +233,17 @@ def test_content_types():
     assert content_type("viewer/index.html") == "text/html"
     assert content_type("viewer/app.JS") == "text/javascript"
     assert content_type("units/features.3") == "application/octet-stream"
+
+
+def test_local_objects_readable_by_others(tmp_path):
+    """Objects get the umask's permissions (not mkstemp's 0600): a static web server can serve them."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        store = LocalStore(tmp_path)
+        store.put("viewer/index.html", b"<html>")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "viewer/index.html").st_mode)
+    assert mode == 0o644

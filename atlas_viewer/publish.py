@@ -1,0 +1,377 @@
+"""Write the static viewer into an atlas: `publish(store)`.
+
+The build driver calls this last. It copies the viewer's static files (atlas_viewer/static/) to
+`viewer/` and writes the compact data the viewer reads to `viewer/data/`:
+
+    viewer/data/model.json                        the model, its layers with completeness counts,
+                                                  presets, dataset, failed shards (one request)
+    viewer/data/layers/<layer>.json               per layer, columnar: units, stats, optimized
+                                                  activations, dead/missing/failed flags, class
+                                                  names (output layer), top/bottom-k rows
+    viewer/data/sprites/<layer>/<view>-<n>.png    the units' optimized images as tiles of TILE px,
+                                                  PER_SHEET tiles a sheet, in the order of the
+                                                  layer's `units` list (tile i: sheet i // PER_SHEET);
+                                                  a view is a preset, or `top-0`: every unit's
+                                                  strongest dataset crop (dataset-only atlases too)
+
+so a layer page of 1,024 units is 1 JSON + 4 sheets per preset. Every part of the atlas is optional
+but the manifest: without index/topk.parquet (optimization-only atlas) the rows are null, without
+index/units.parquet the stats are null, without presets there are no sprites. A unit whose image is
+absent (a failed shard, a dead unit, a deleted file) has a blank tile and `image[preset][i] == 0`;
+the viewer shows it as missing, never as a broken image.
+
+No torch here (runs in the build driver): pyarrow, numpy and PIL only. Writes go through
+`store.put` (whole objects, the store sets content types), so it works on any store.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from storage import layout
+from storage.store import Store
+
+STATIC = Path(__file__).resolve().parent / "static"
+VIEWER = "viewer"
+DATA = f"{VIEWER}/data"
+DATA_VERSION = 1
+TILE = 64                 # sprite tile edge, pixels
+PER_SHEET = 256           # tiles per sprite sheet (16 x 16 -> 1024 x 1024 px)
+HISTORY_POINTS = 48       # optimization curves are downsampled to at most this many points
+HISTORY_BUDGET = 64 << 20  # bytes of completion records read for the curves, at most
+
+
+def layer_data_key(layer: str) -> str:
+    return f"{DATA}/layers/{layer}.json"
+
+
+def sprite_key(layer: str, preset: str, n: int) -> str:
+    return f"{DATA}/sprites/{layer}/{preset}-{n}.png"
+
+
+# ---------------------------------------------------------------- small helpers
+def _num(v):
+    """A float32 value as the shortest decimal that reads back to it; None for NaN/inf/None."""
+    if v is None:
+        return None
+    f = float(v)
+    if not math.isfinite(f):
+        return None
+    return float(str(np.float32(f)))
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+def _read_optional(store: Store, key: str):
+    """A Parquet index as a pyarrow table, or None when the atlas has none."""
+    if not store.exists(key):
+        return None
+    return layout.read_table(store, key)
+
+
+def _failed_units(manifest: dict) -> dict[tuple[str, str], set[int]]:
+    """(kind, layer) -> unit ids in failed shards ('opt/<layer>/<lo>-<hi>', 'crop/...')."""
+    sel = {l["name"]: (l.get("selected") or list(range(l["units"]))) for l in manifest.get("layers", [])}
+    out: dict[tuple[str, str], set[int]] = {}
+    for f in manifest.get("failed_shards") or []:
+        fid = str(f.get("id", ""))
+        kind, _, rest = fid.partition("/")
+        layer, _, span = rest.rpartition("/")
+        if kind not in ("opt", "crop") or layer not in sel:
+            continue
+        try:
+            lo, hi = (int(x) for x in span.split("-"))
+        except ValueError:
+            continue
+        out.setdefault((kind, layer), set()).update(u for u in sel[layer] if lo <= u <= hi)
+    return out
+
+
+def _opt_histories(store: Store) -> dict[tuple[str, int, str], list]:
+    """(layer, unit, preset) -> the optimization curve (activation per step), downsampled, from the
+    build's completion records. Empty when the records are gone (an atlas copied without _build/)."""
+    out: dict = {}
+    keys = store.list(layout.RECORDS + "/opt/")
+    if not keys:
+        return out
+    # a whole-model build has many large records (every step of every unit): estimate the total
+    # from the first one and skip the curves when reading them all would cost too much
+    first = store.get_or_none(keys[0]) or b""
+    if len(first) * len(keys) > HISTORY_BUDGET:
+        return out
+    for key in keys:
+        rec = layout.get_json(store, key)
+        s = (rec or {}).get("summary") or {}
+        layer = s.get("layer")
+        for r in s.get("rows") or []:
+            h = r.get("history")
+            if layer is None or not h:
+                continue
+            if len(h) > HISTORY_POINTS:
+                idx = np.unique(np.linspace(0, len(h) - 1, HISTORY_POINTS).round().astype(int))
+                h = [h[i] for i in idx]
+            out[(layer, int(r["unit"]), str(r["preset"]))] = [_num(v) for v in h]
+    return out
+
+
+# ---------------------------------------------------------------- sprites
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
+    return _POOL
+
+
+TOP_VIEW = "top-0"        # a grid view of every unit's strongest dataset crop (besides the presets)
+
+
+def _view_file(view: str) -> str:
+    """The unit object a grid view shows: '<preset>.png', or the rank-0 top crop."""
+    return layout.crop_name("top", 0) if view == TOP_VIEW else f"{view}.png"
+
+
+def _tile(data: bytes, tile: int) -> Image.Image | None:
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception:  # a damaged image is shown as missing, it does not stop the publish
+        return None
+    im = im.convert("RGB")
+    if im.size != (tile, tile):
+        # smaller images are enlarged pixel by pixel (crisp); larger ones averaged down
+        up = im.width < tile and im.height < tile
+        im = im.resize((tile, tile), Image.NEAREST if up else Image.BOX)
+    return im
+
+
+def _write_sprites(store: Store, layer: str, view: str, units: list[int], present: list[int],
+                   tile: int, per_sheet: int) -> tuple[list[str | None], list[int]]:
+    """Sheets of the units' optimized images; returns (sheet file names or None, present flags
+    after decoding: a damaged PNG counts as missing)."""
+    cols = int(math.ceil(math.sqrt(per_sheet)))
+    names: list[str | None] = []
+    ok = list(present)
+    for n, start in enumerate(range(0, len(units), per_sheet)):
+        chunk = units[start:start + per_sheet]
+        rows = int(math.ceil(len(chunk) / cols))
+        sheet = Image.new("RGB", (min(len(chunk), cols) * tile, rows * tile), (0, 0, 0))
+        any_tile = False
+
+        def load(u):
+            data = store.get_or_none(layout.unit_key(layer, u, _view_file(view)))
+            return _tile(data, tile) if data is not None else None
+        todo = [(j, u) for j, u in enumerate(chunk) if ok[start + j]]
+        # fetches overlap (an S3 store is latency-bound), decoding releases the GIL; order is kept
+        for (j, u), im in zip(todo, _pool().map(load, [u for _, u in todo])):
+            if im is None:
+                ok[start + j] = 0
+                continue
+            sheet.paste(im, ((j % cols) * tile, (j // cols) * tile))
+            any_tile = True
+        if not any_tile:
+            names.append(None)
+            continue
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG", compress_level=6)
+        key = sprite_key(layer, view, n)
+        store.put(key, buf.getvalue())
+        names.append(key.rsplit("/", 1)[1])
+    return names, ok
+
+
+# ---------------------------------------------------------------- per layer
+def _topk_rows(table, layer: str, units: list[int], present: set[str], images: dict[str, int]):
+    """{"top": [rows per unit], "bottom": ...}; row = [activation, image index, y, x, x0, y0, x1, y1,
+    crop present 0/1, rank]; rank order."""
+    out = {"top": [[] for _ in units], "bottom": [[] for _ in units]}
+    if table is None:
+        return None
+    pos = {u: i for i, u in enumerate(units)}
+    for r in table:
+        i = pos.get(r["unit"])
+        if i is None or r["kind"] not in out:
+            continue
+        img = r["image"]
+        if img not in images:
+            images[img] = len(images)
+        crop = layout.unit_key(layer, r["unit"], layout.crop_name(r["kind"], r["rank"])) in present
+        out[r["kind"]][i].append((r["rank"], [_num(r["activation"]), images[img], r["y"], r["x"],
+                                              r["x0"], r["y0"], r["x1"], r["y1"], int(crop), r["rank"]]))
+    for kind in out:
+        out[kind] = [[row for _, row in sorted(rows, key=lambda t: t[0])] for rows in out[kind]]
+    return out
+
+
+def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units_rows: dict | None,
+                topk_rows: list[dict] | None, failed: dict, histories: dict, tile: int, per_sheet: int,
+                version: str) -> tuple[dict, dict]:
+    name = l["name"]
+    units = [int(u) for u in (l.get("selected") or range(l["units"]))]
+    present = set(store.list(f"units/{name}/"))
+    model = manifest.get("model") or {}
+    labels = model.get("labels")
+    is_output = bool(labels) and model.get("output_layer") == name
+    urows = units_rows.get(name, {}) if units_rows is not None else None
+
+    data: dict = {
+        "version": version, "name": name, "kind": l.get("kind"), "shape": l.get("shape"),
+        "units_total": l.get("units"), "units": units, "presets": presets,
+        "tile": tile, "per_sheet": per_sheet, "cols": int(math.ceil(math.sqrt(per_sheet))),
+        "views": [], "sheets": {}, "image": {}, "opt": {}, "dead": {}, "history": {},
+        "failed_opt": sorted(failed.get(("opt", name), ())),
+        "failed_crop": sorted(failed.get(("crop", name), ())),
+        "labels": [labels[u] if 0 <= u < len(labels) else None for u in units] if is_output else None,
+        "stats": None, "images": None, "top": None, "bottom": None,
+    }
+    # grid views: one per preset, and the top dataset crop when there was a dataset pass
+    data["views"] = presets + ([TOP_VIEW] if topk_rows else [])
+    for v in data["views"]:
+        flags = [int(layout.unit_key(name, u, _view_file(v)) in present) for u in units]
+        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, units, flags, tile, per_sheet)
+    for p in presets:
+        if urows is not None:
+            data["opt"][p] = [_num((urows.get(u) or {}).get(f"opt_{p}")) for u in units]
+            data["dead"][p] = [(urows.get(u) or {}).get(f"dead_{p}") for u in units]
+        else:
+            data["opt"][p] = [None] * len(units)
+            data["dead"][p] = [None] * len(units)
+        hist = [histories.get((name, u, p)) for u in units]
+        data["history"][p] = hist if any(h for h in hist) else None
+    if urows is not None:
+        stats = {}
+        for c in ("mean", "std", "max", "frac_positive"):
+            stats[c] = [_num((urows.get(u) or {}).get(c)) for u in units]
+        stats["count"] = [int((urows.get(u) or {}).get("count") or 0) for u in units]
+        # an optional histogram of the unit's activations over the dataset, when the build records
+        # one: columns hist (list of counts), hist_lo, hist_hi (the range the bins split evenly)
+        if any("hist" in (urows.get(u) or {}) for u in units):
+            stats["hist"] = [(urows.get(u) or {}).get("hist") for u in units]
+            stats["hist_lo"] = [_num((urows.get(u) or {}).get("hist_lo")) for u in units]
+            stats["hist_hi"] = [_num((urows.get(u) or {}).get("hist_hi")) for u in units]
+        if any(v is not None for v in stats["mean"]) or any(stats["count"]):
+            data["stats"] = stats
+    if topk_rows is not None:
+        images: dict[str, int] = {}
+        rows = _topk_rows(topk_rows, name, units, present, images)
+        data["images"] = list(images)
+        data["top"], data["bottom"] = rows["top"], rows["bottom"]
+
+    n = len(units)
+    dead_any = [any(bool((data["dead"][p] or [None] * n)[i]) for p in presets) for i in range(n)]
+    summary = {
+        "name": name, "kind": l.get("kind"), "shape": l.get("shape"), "units": l.get("units"),
+        "selected": n,
+        "images": {p: int(sum(data["image"][p])) for p in presets},
+        "dead": int(sum(dead_any)),
+        "failed": len(set(data["failed_opt"]) | set(data["failed_crop"])),
+        "without_image": int(sum(1 for i in range(n) if any(not data["image"][p][i] for p in presets))),
+        "crops": None if data["top"] is None else int(sum(
+            1 for i in range(n) for kind in ("top", "bottom") for r in data[kind][i] if r[8])),
+        "crops_expected": None if data["top"] is None else int(sum(
+            len(data[kind][i]) for i in range(n) for kind in ("top", "bottom"))),
+    }
+    failed_any = set(data["failed_opt"]) | set(data["failed_crop"])
+    summary["problems"] = {
+        "failed": sorted(failed_any),
+        "dead": [u for i, u in enumerate(units) if dead_any[i]],
+        # absent images that neither a failed shard nor a dead unit explains
+        "missing": {p: [u for i, u in enumerate(units) if not data["image"][p][i] and u not in failed_any
+                        and not (data["dead"][p] or [None] * n)[i]] for p in presets},
+        "crops_missing": [] if data["top"] is None else [
+            u for i, u in enumerate(units) if u not in failed_any
+            and any(not r[8] for kind in ("top", "bottom") for r in data[kind][i])],
+    }
+    return data, summary
+
+
+# ---------------------------------------------------------------- entry point
+def copy_static(store: Store) -> list[str]:
+    keys = []
+    for path in sorted(STATIC.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            key = f"{VIEWER}/{path.relative_to(STATIC).as_posix()}"
+            store.put(key, path.read_bytes())
+            keys.append(key)
+    return keys
+
+
+def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
+    """Copy the viewer into the atlas and (re)write its data. Idempotent; returns model.json's dict."""
+    manifest = layout.read_manifest(store)
+    version = f"{int(time.time() * 1000):x}"
+    copy_static(store)
+
+    presets = [p["name"] if isinstance(p, dict) else str(p) for p in manifest.get("presets") or []]
+    units_t = _read_optional(store, layout.UNITS)
+    units_rows = None
+    if units_t is not None and units_t.num_rows:
+        units_rows = {}
+        for r in units_t.to_pylist():
+            units_rows.setdefault(r["layer"], {})[int(r["unit"])] = r
+    topk_t = _read_optional(store, layout.TOPK)
+    topk_by_layer = None
+    if topk_t is not None:
+        topk_by_layer = {}
+        for r in topk_t.to_pylist():
+            topk_by_layer.setdefault(r["layer"], []).append(r)
+    failed = _failed_units(manifest)
+    histories = _opt_histories(store)
+
+    old = set(store.list(f"{DATA}/"))
+    written = set()
+    layers = []
+    for l in manifest.get("layers", []):
+        data, summary = _layer_data(store, manifest, l, presets, units_rows,
+                                    None if topk_by_layer is None else topk_by_layer.get(l["name"], []),
+                                    failed, histories, tile, per_sheet, version)
+        key = layer_data_key(l["name"])
+        store.put(key, _dumps(data))
+        written.add(key)
+        for p, names in data["sheets"].items():
+            written.update(f"{DATA}/sprites/{l['name']}/{n}" for n in names if n)
+        summary["file"] = key[len(DATA) + 1:]
+        layers.append(summary)
+
+    model = manifest.get("model") or {}
+    ds = manifest.get("dataset")
+    build = manifest.get("build") or {}
+    out = {
+        "version": version, "data_version": DATA_VERSION,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "status": manifest.get("status"),
+        "model": {"name": model.get("name"), "source": model.get("source"), "weights": model.get("weights"),
+                  "input_size": model.get("input_size"), "output_layer": model.get("output_layer"),
+                  "labels": len(model.get("labels") or []) or None},
+        "presets": manifest.get("presets") or [],
+        "optimization": manifest.get("optimization"),
+        "k": manifest.get("k"),
+        "dataset": None if not ds else {
+            "uri": ds.get("uri"), "images": ds.get("images"), "images_seen": ds.get("images_seen"),
+            "images_skipped": ds.get("images_skipped"), "skipped": (ds.get("skipped") or [])[:1000]},
+        "build": {"started": build.get("started"), "finished": build.get("finished"),
+                  "seconds": build.get("seconds"), "versions": build.get("versions")},
+        "failed_shards": [{"id": f.get("id"), "error": str(f.get("error", ""))[:2000]}
+                          for f in manifest.get("failed_shards") or []],
+        "has_topk": topk_t is not None, "has_units": units_t is not None,
+        "tile": tile, "per_sheet": per_sheet,
+        "layers": layers,
+    }
+    store.put(f"{DATA}/model.json", _dumps(out))
+    written.add(f"{DATA}/model.json")
+    # sheets and layers of an earlier publish that this one did not write (fewer units, a layer gone)
+    for key in sorted(old - written):
+        if key.startswith((f"{DATA}/sprites/", f"{DATA}/layers/")):
+            store.delete(key)
+    return out

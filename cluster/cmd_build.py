@@ -1,0 +1,73 @@
+"""`deepvis build`: the full-network atlas build on a Ray cluster."""
+from __future__ import annotations
+
+import sys
+
+from cluster.config import BuildConfig
+
+HELP = {
+    "model": "model spec: efficientnet_lite0 (offline, default), torchvision:<name>, package.module:callable",
+    "weights": "'none' for random init or a local state_dict path (default: the model's trained weights)",
+    "layers": "comma-separated layer names or globs, e.g. '_blocks.*,_fc' (default: every layer; see `deepvis layers`)",
+    "units": "units of each selected layer: a range like 0:64 or a list like 1,5,9 (default: all)",
+    "presets": "comma-separated optimization presets (yosinski-1..4), 'all', or 'none' to skip the optimization pass (default: yosinski-3)",
+    "presets_file": "TOML/JSON file defining extra presets",
+    "steps": "override the presets' optimization steps (e.g. 50 for a quick CPU look)",
+    "size": "override the optimization image size in pixels (e.g. 64 on a CPU)",
+    "dataset": "image folder or list file for the top-k dataset pass (default: no dataset pass)",
+    "k": "top-k and bottom-k images kept per unit (default: 9)",
+    "out": "the atlas store: a directory or s3://bucket/prefix (default: ./atlas)",
+    "address": "Ray cluster to join: 'auto' or ray://host:10001 (default: start a local cluster)",
+    "actors": "number of actors (default: one per GPU, else one per CPU core)",
+    "device": "cpu or cuda (default: cuda when the actor has a GPU)",
+    "shard_units": "units per optimization shard (default: sized for the device)",
+    "shard_images": "images per dataset shard (default: 200)",
+    "batch_size": "images per forward pass in the dataset pass (default: 32)",
+    "max_attempts": "attempts before a shard is reported failed (default: 3)",
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser("build", help="build an atlas: optimized images and top-k images of every unit",
+                       description="Build a per-unit atlas of MODEL on a Ray cluster (local by default): "
+                                   "regularized activation maximization per unit (--presets) and a top-k "
+                                   "dataset pass (--dataset), written to --out. Re-running the same command "
+                                   "resumes: finished shards are skipped.")
+    p.add_argument("--config", help="TOML file with the same keys as these flags (flags win); unknown keys are rejected")
+    for key in BuildConfig.keys():
+        if key == "progress":
+            continue
+        typ = int if key in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size",
+                             "max_attempts") else str
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None, help=HELP[key])
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (e.g. in CI logs)")
+    return p
+
+
+def config_from_args(args) -> BuildConfig:
+    given = {k: getattr(args, k) for k in BuildConfig.keys() if getattr(args, k, None) is not None}
+    if args.config:
+        return BuildConfig.from_toml(args.config, given)
+    return BuildConfig.from_dict(given, origin="flags")
+
+
+def print_summary(s: dict, out=sys.stdout) -> None:
+    print(f"atlas: {s['atlas']}  [{s['status']}]", file=out)
+    print(f"  {s['units']} units in {s['layers']} layers; {s['dead_units']} dead; "
+          f"{s['shards_computed']} shards computed, {s['shards_skipped']} skipped (already finished)", file=out)
+    if s["images"]:
+        print(f"  dataset: {s['images_seen']} images searched, {s['images_skipped']} skipped as unreadable", file=out)
+    for f in s["failed_shards"]:
+        print(f"  FAILED shard {f['id']}: {f['error']}", file=out)
+    print(f"  time: {s['seconds']:.1f} s", file=out)
+    if s["status"] == "complete":
+        print(f"  look: deepvis status {s['atlas']}", file=out)
+
+
+def run(args) -> int:
+    from cluster.build import run_build
+
+    summary = run_build(config_from_args(args))
+    print_summary(summary)
+    return 0 if summary["status"] == "complete" else 1

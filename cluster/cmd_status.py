@@ -1,0 +1,61 @@
+"""`deepvis status STORE`: per layer, units expected / done / dead / failed."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser("status", help="report how complete an atlas is, per layer",
+                       description="Per layer of the atlas at STORE: units expected, optimized (done), "
+                                   "dead (zero gradient) and in failed shards. Works during a build too.")
+    p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def layer_status(store) -> tuple[dict, list[dict]]:
+    from storage import layout
+
+    m = layout.read_manifest(store)
+    rows = {l["name"]: {"layer": l["name"], "expected": len(l.get("selected") or range(l["units"])),
+                        "done": 0, "dead": 0, "failed": 0} for l in m["layers"]}
+    n_presets = len(m.get("presets") or [])
+    for key in store.list(layout.RECORDS + "/opt/"):
+        rec = layout.get_json(store, key)
+        if not rec:
+            continue
+        s = rec["summary"]
+        r = rows.get(s["layer"])
+        if r is None:
+            continue
+        units = {x["unit"] for x in s["rows"]}
+        r["done"] += len(units)
+        r["dead"] += len({x["unit"] for x in s["rows"] if x["dead"]})
+    for f in m.get("failed_shards", []):
+        parts = f["id"].split("/")
+        if len(parts) == 3 and parts[0] in ("opt", "crop") and parts[1] in rows:
+            lo, hi = map(int, parts[2].split("-"))
+            sel = [u for u in (next(l for l in m["layers"] if l["name"] == parts[1]).get("selected") or [])
+                   if lo <= u <= hi]
+            rows[parts[1]]["failed"] += len(sel)
+    if n_presets == 0:  # dataset-only atlas: "done" = units with top-k rows
+        for r in rows.values():
+            r["done"] = r["expected"] if m["status"] == "complete" else 0
+    return m, list(rows.values())
+
+
+def run(args) -> int:
+    from storage.store import open_store
+
+    m, rows = layer_status(open_store(args.store))
+    if args.json:
+        print(json.dumps({"status": m["status"], "layers": rows, "failed_shards": m.get("failed_shards", [])}))
+        return 0
+    w = max([len(r["layer"]) for r in rows] + [5])
+    print(f"atlas {args.store}: {m['status']}  model {m['model']['name']}")
+    print(f"{'layer':<{w}}  {'expected':>8}  {'done':>6}  {'dead':>5}  {'failed':>6}")
+    for r in rows:
+        print(f"{r['layer']:<{w}}  {r['expected']:>8}  {r['done']:>6}  {r['dead']:>5}  {r['failed']:>6}")
+    tot = {k: sum(r[k] for r in rows) for k in ("expected", "done", "dead", "failed")}
+    print(f"{'total':<{w}}  {tot['expected']:>8}  {tot['done']:>6}  {tot['dead']:>5}  {tot['failed']:>6}")
+    return 0

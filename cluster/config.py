@@ -1,0 +1,99 @@
+"""The build job's one typed config. A TOML file (`--config`) and the command-line flags set the same
+keys; flags win. Unknown keys are rejected with the list of known ones."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+
+from tasks.errors import UserError
+
+
+@dataclass
+class BuildConfig:
+    model: str = "efficientnet_lite0"
+    weights: str | None = None          # None: the model's trained weights; "none": random; or a path
+    layers: str = "all"                 # comma-separated names or globs
+    units: str | None = None            # "a:b" slice of every selected layer (None: all units)
+    presets: str = "yosinski-3"         # comma-separated preset names, "all", or "none"
+    presets_file: str | None = None     # extra presets (TOML/JSON)
+    steps: int | None = None            # override the presets' step counts
+    size: int | None = None             # override the optimization image size
+    dataset: str | None = None          # image folder / list file; None: no dataset pass
+    k: int = 9                          # top-k and bottom-k per unit
+    out: str = "atlas"                  # the store: a directory or s3://bucket/prefix
+    address: str | None = None          # None: start a local Ray cluster; "auto" or ray://host:port
+    actors: int | None = None           # None: one per GPU, else one per CPU core
+    device: str | None = None           # None: cuda when the actor has a GPU, else cpu
+    shard_units: int | None = None      # units per optimization shard (None: sized for the device)
+    shard_images: int = 200             # images per dataset shard
+    batch_size: int = 32                # images per forward in the dataset pass
+    max_attempts: int = 3               # a shard failing this often is reported as failed
+    progress: bool = True
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str = "config") -> "BuildConfig":
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise UserError(f"unknown key(s) {', '.join(unknown)} in {origin}; known keys: {', '.join(cls.keys())}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str, overrides: dict | None = None) -> "BuildConfig":
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path!r}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path!r} is not valid TOML: {e}") from None
+        d = d.get("build", d)  # accept a top-level [build] table or bare keys
+        return cls.from_dict({**d, **(overrides or {})}, origin=path)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = f.type if isinstance(f.type, str) else str(f.type)
+            if v is None:
+                continue
+            if want.startswith("int") and (not isinstance(v, int) or isinstance(v, bool)):
+                raise UserError(f"{f.name} must be an integer, got {v!r}")
+            if want.startswith("str") and not isinstance(v, str):
+                raise UserError(f"{f.name} must be a string, got {v!r}")
+        for name in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size", "max_attempts"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise UserError(f"{name} must be at least 1, got {v}")
+        if self.size is not None and self.size < 16:
+            raise UserError(f"size must be at least 16 pixels, got {self.size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_units(spec: str | None, n: int, layer: str) -> list[int]:
+    """'a:b' (python slice, either side optional) or 'i' or 'a,b,c' -> unit list within 0..n-1."""
+    if spec in (None, "", "all", ":"):
+        return list(range(n))
+    try:
+        if ":" in spec:
+            a, b = spec.split(":", 1)
+            lo, hi = int(a) if a else 0, int(b) if b else n
+            if lo < 0 or lo >= n or hi <= lo:
+                raise IndexError
+            return list(range(lo, min(hi, n)))
+        units = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"--units {spec!r} is not a range like 0:64 or a list like 1,5,9") from None
+    except IndexError:
+        raise UserError(f"--units {spec!r} is beyond layer {layer!r}, which has units 0..{n - 1}") from None
+    bad = [u for u in units if not 0 <= u < n]
+    if bad or not units:
+        raise UserError(f"--units {spec!r} is beyond layer {layer!r}, which has units 0..{n - 1}")
+    return units

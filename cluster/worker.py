@@ -1,0 +1,137 @@
+"""The build's actor: loads the model once, then runs shards and writes their results straight to the
+store. Only small summaries go back to the driver. A shard's completion record is written last, so a
+record in the store means every object of that shard is there (resume relies on it)."""
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from storage import layout
+
+
+class ShardWorker:
+    def __init__(self, model: str, weights: str | None, store, device: str | None, threads: int,
+                 dataset: str | None = None, presets_file: str | None = None):
+        import torch
+        from tasks.models import load_model
+
+        if threads:
+            torch.set_num_threads(threads)  # fixed per actor: CPU results must not depend on the pool size
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.lm = load_model(model, weights, device=self.device)
+        self.store = store
+        self.dataset = dataset
+        self.presets_file = presets_file
+        self._images: dict[str, object] = {}  # decoded crop inputs, reused across a crop shard
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict:
+        import torch
+        name = torch.cuda.get_device_name(0) if self.device.startswith("cuda") else "cpu"
+        return {"pid": os.getpid(), "device": self.device, "device_name": name}
+
+    def run(self, shard: dict) -> dict:
+        kind = shard["type"]
+        summary = {"opt": self._optimize, "data": self._dataset, "crop": self._crops}[kind](shard)
+        layout.put_json(self.store, layout.record_key(shard["id"]),
+                        {"id": shard["id"], "hash": shard["hash"], "summary": summary})
+        return summary
+
+    # ---------------------------------------------------------------- optimization pass
+    def _optimize(self, shard: dict) -> dict:
+        from tasks.optimize import display_image, get_preset, load_presets, optimize_units
+        from tasks.preprocess import to_pil
+
+        extra = load_presets(self.presets_file) if self.presets_file else {}
+        presets = [extra[n] if n in extra else get_preset(n) for n in shard["presets"]]
+        results = optimize_units(self.lm.module, self.lm.preprocessing, shard["layer"], shard["units"], presets,
+                                 model_name=self.lm.name, steps=shard["steps"], size=shard["size"],
+                                 device=self.device)
+        rows = []
+        for r in results:
+            buf = io.BytesIO()
+            # saved contrast-stretched around the mean, as the paper's toolbox did (the raw optimum is
+            # nearly flat grey); the recorded activation belongs to the unstretched image
+            to_pil(display_image(r.image, self.lm.preprocessing)).save(buf, format="PNG")
+            self.store.put(layout.unit_key(shard["layer"], r.unit, f"{r.preset}.png"), buf.getvalue())
+            rows.append({"unit": r.unit, "preset": r.preset, "activation": float(r.activation),
+                         "dead": bool(r.dead), "history": [float(h) for h in r.history]})
+        return {"layer": shard["layer"], "rows": rows}
+
+    # ---------------------------------------------------------------- dataset pass
+    def _dataset(self, shard: dict) -> dict:
+        import torch
+        from storage.datasets import BadImage, dataset_root, read_image
+        from tasks.activations import batch_unit_maxima
+        from tasks.preprocess import preprocess
+        from tasks.topk import RunningTopK
+
+        root = dataset_root(self.dataset)
+        pre = self.lm.preprocessing
+        layers = shard["layers"]
+        reducers = [RunningTopK(n, shard["k"]) for n in shard["units"]]
+        skipped = []
+
+        def load(image_id):
+            try:
+                return image_id, preprocess(read_image(root, image_id), pre), None
+            except BadImage as e:
+                return image_id, None, str(e)
+
+        bs = shard["batch_size"]
+        ids = shard["images"]
+        seen = 0
+        with ThreadPoolExecutor(max_workers=2) as pool:  # decoding overlaps the forward passes
+            decoded = pool.map(load, ids)
+            batch_ids, batch = [], []
+            for i, (image_id, x, err) in enumerate(decoded):
+                if err is not None:
+                    skipped.append({"image": image_id, "reason": err})
+                else:
+                    batch_ids.append(image_id)
+                    batch.append(x)
+                if batch and (len(batch) == bs or i == len(ids) - 1):
+                    out = batch_unit_maxima(self.lm.module, layers, torch.stack(batch).to(self.device))
+                    for red, layer in zip(reducers, layers):
+                        vals, ys, xs = out[layer]
+                        red.add(vals.cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy(), batch_ids)
+                    seen += len(batch)
+                    batch_ids, batch = [], []
+        state = {f"L{i}": red.state_dict() for i, red in enumerate(reducers)}
+        self.store.put(layout.state_key(shard["id"]), layout.pack_state(state))
+        return {"images": len(ids), "seen": seen, "skipped": skipped}
+
+    # ---------------------------------------------------------------- receptive-field crops
+    def _crops(self, shard: dict) -> dict:
+        from storage.datasets import BadImage, dataset_root, read_image
+        from tasks.preprocess import crop_input
+        from tasks.receptive import receptive_boxes
+
+        layer, entries = shard["layer"], shard["entries"]
+        positions = sorted({(e["y"], e["x"]) for e in entries})
+        boxes = dict(zip(positions, receptive_boxes(self.lm.module, layer, self.lm.input_size, positions,
+                                                    device=self.device)))
+        root = dataset_root(self.dataset)
+        out = []
+        for e in entries:
+            box = boxes[(e["y"], e["x"])]
+            img = self._images.get(e["image"])
+            if img is None:
+                try:
+                    img = crop_input(read_image(root, e["image"]), self.lm.preprocessing)
+                except BadImage:  # vanished or changed since the dataset pass: keep the row, no crop
+                    out.append({**e, "box": list(box), "crop": False})
+                    continue
+                if len(self._images) > 512:
+                    self._images.clear()
+                self._images[e["image"]] = img
+            buf = io.BytesIO()
+            img.crop(box).save(buf, format="JPEG", quality=90)
+            self.store.put(layout.unit_key(layer, e["unit"], layout.crop_name(e["kind"], e["rank"])), buf.getvalue())
+            out.append({**e, "box": list(box), "crop": True})
+        self._images.clear()
+        return {"layer": layer, "entries": out}
+

@@ -1,0 +1,43 @@
+"""Read side of an atlas: `Atlas.open(uri).top_images(layer, unit, k)`."""
+from __future__ import annotations
+
+from storage import layout
+from storage.errors import StoreError
+from storage.store import Store, open_store
+
+
+class Atlas:
+    def __init__(self, store: Store, manifest: dict):
+        self.store = store
+        self.manifest = manifest
+        self.layers = {l["name"]: l for l in manifest.get("layers", [])}
+
+    @classmethod
+    def open(cls, uri: str | Store) -> "Atlas":
+        store = uri if isinstance(uri, Store) else open_store(uri)
+        return cls(store, layout.read_manifest(store))
+
+    def check_unit(self, layer: str, unit: int) -> None:
+        if layer not in self.layers:
+            names = ", ".join(list(self.layers)[:8])
+            raise StoreError(f"layer {layer!r} is not in this atlas (layers: {names}"
+                             f"{', ...' if len(self.layers) > 8 else ''}); `deepvis status` lists them")
+        n = self.layers[layer]["units"]
+        if not 0 <= unit < n:
+            raise StoreError(f"unit {unit} out of range for layer {layer!r} (0..{n - 1})")
+
+    def top_images(self, layer: str, unit: int, k: int = 9, kind: str = "top") -> list[dict]:
+        """Rows of index/topk.parquet for one unit, rank 0 first, each with the key of its crop."""
+        if kind not in ("top", "bottom"):
+            raise ValueError("kind must be 'top' or 'bottom'")
+        self.check_unit(layer, unit)
+        table = layout.read_table(self.store, layout.TOPK, filters=[
+            ("layer", "=", layer), ("unit", "=", int(unit)), ("kind", "=", kind), ("rank", "<", int(k))])
+        rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
+        for r in rows:
+            r["crop"] = layout.unit_key(layer, unit, layout.crop_name(kind, r["rank"]))
+        return rows
+
+    def unit_stats(self, layer: str | None = None) -> list[dict]:
+        filters = [("layer", "=", layer)] if layer else None
+        return layout.read_table(self.store, layout.UNITS, filters=filters).to_pylist()

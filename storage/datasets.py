@@ -1,0 +1,213 @@
+"""Datasets of images: listing them and decoding one (no torch here).
+
+A source is
+  - a directory: every file below it whose name ends in an image extension (ImageFolder layout or
+    any tree; symlinked folders are followed once; hidden files and folders, '.'-prefixed, are not
+    listed);
+  - a text file listing image paths, one a line, relative to the list file's directory or
+    absolute; blank lines and '#' comments are ignored; every entry is listed whatever its
+    extension (a missing or unreadable one is skipped at decode time);
+  - a single image file (a dataset of one).
+(`s3://bucket/prefix` is reserved for the S3 source: `_split_source` is where it plugs in.)
+
+Image id = the path relative to the dataset root (`dataset_root(source)`: the directory itself, or
+the list file's / image file's directory), '/'-separated, normalized. A relative list entry stays
+relative (`../other/x.jpg` too); an absolute one outside the root keeps its absolute path as id
+(`image_path(root, id)` finds both). Ids are returned
+sorted ascending (Python str order, the order that breaks ties in the atlas) and unique.
+
+Decoding never fails the build: `read_image` raises BadImage(reason) for files that are missing,
+empty, not images, truncated/corrupt, or larger than `max_pixels` (decompression bombs), and the
+caller skips, counts and lists them. Pixels are not re-oriented by EXIF tags (as torchvision's
+ImageFolder loader); grayscale, palette, CMYK, 16-bit and alpha images become RGB (alpha composited
+on white, as tasks.preprocess.to_rgb).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from storage.errors import StoreError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 89_478_485          # PIL's own decompression-bomb threshold
+
+
+class BadImage(Exception):
+    """A dataset file that cannot be used as an image; str(e) is the short reason."""
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _split_source(source: str) -> tuple[str, str]:
+    """(kind, path): kind is 'dir', 'list' or 'image'. StoreError when unusable."""
+    source = os.fspath(source)
+    if "://" in source:
+        scheme = source.split("://", 1)[0]
+        if scheme == "s3":
+            raise StoreError(f"dataset {source!r}: S3 datasets are not supported yet; copy the images "
+                             f"to a local directory and pass that")
+        raise StoreError(f"dataset {source!r}: unknown scheme {scheme!r}; pass a local directory or a "
+                         f"text file listing image paths")
+    path = os.path.abspath(os.path.expanduser(source))
+    if os.path.isdir(path):
+        return "dir", path
+    if os.path.isfile(path):
+        return ("image" if is_image_name(path) else "list"), path
+    if os.path.exists(path):
+        raise StoreError(f"dataset {source!r} is neither a directory nor a file")
+    raise StoreError(f"dataset {source!r} does not exist; pass a directory of images or a text file "
+                     f"listing image paths")
+
+
+def dataset_root(source: str) -> str:
+    """The directory image ids are relative to."""
+    kind, path = _split_source(source)
+    return path if kind == "dir" else os.path.dirname(path)
+
+
+def _to_id(root: str, path: str) -> str:
+    rel = os.path.relpath(path, root)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        rel = os.path.normpath(path)                 # outside the root: keep it absolute
+    return rel.replace(os.sep, "/")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:                       # undecodable bytes in a file name
+        return False
+
+
+def _walk(root: str) -> list[str]:
+    ids = []
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:                             # a symlink cycle or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if f.startswith(".") or not is_image_name(f):
+                continue
+            p = os.path.join(dirpath, f)
+            if _utf8(p):
+                ids.append(_to_id(root, p))
+    return ids
+
+
+def _read_list(list_file: str) -> list[str]:
+    root = os.path.dirname(list_file)
+    try:
+        with open(list_file, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError:
+        raise StoreError(f"dataset list {list_file!r} is not a UTF-8 text file; pass a directory of "
+                         f"images or a text file with one image path a line") from None
+    except OSError as e:
+        raise StoreError(f"cannot read dataset list {list_file!r}: {e.strerror or e}") from None
+    ids = []
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        entry = os.path.expanduser(entry)
+        if os.path.isabs(entry):
+            ids.append(_to_id(root, os.path.normpath(entry)))
+        else:                                        # relative: kept relative, '..' and all
+            ids.append(os.path.normpath(entry).replace(os.sep, "/"))
+    return ids
+
+
+def list_images(source: str) -> list[str]:
+    """The image ids of a dataset, sorted ascending and unique. StoreError when the source does not
+    exist or lists no image."""
+    kind, path = _split_source(source)
+    if kind == "dir":
+        ids = _walk(path)
+        what = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {source!r}"
+    elif kind == "list":
+        ids = _read_list(path)
+        what = f"dataset list {source!r} names no image (one path a line; '#' starts a comment)"
+    else:
+        ids = [os.path.basename(path)]
+        what = ""
+    if not ids:
+        raise StoreError(what)
+    return sorted(set(ids))
+
+
+def image_path(root: str, image_id: str) -> str:
+    return os.path.join(root, *image_id.split("/")) if not image_id.startswith("/") else image_id
+
+
+def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image fully into memory as RGB. BadImage(reason) when it cannot be used."""
+    path = image_path(root, image_id)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except OSError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+    if os.path.isdir(path):
+        raise BadImage("a directory, not a file")
+    if size == 0:
+        raise BadImage("empty file")
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fh)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(f"too large: {w}x{h} = {w * h} pixels > {max_pixels} (decompression bomb?)")
+            if w == 0 or h == 0:
+                raise BadImage(f"empty image ({w}x{h})")
+            img.load()
+            return _to_rgb(img)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large (decompression bomb): {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unknown format)") from None
+    except OSError as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg:
+            raise BadImage(f"truncated: {msg}") from None
+        if isinstance(e, PermissionError):
+            raise BadImage(f"unreadable: {e.strerror or msg}") from None
+        raise BadImage(f"corrupt: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types on garbage
+        raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (alpha composited on white, as tasks.preprocess.to_rgb)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 65535
+                                       and arr.max() > 255):
+            arr = arr / 257.0                            # 16-bit range -> 8-bit
+        elif mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0                            # float images in [0, 1]
+        gray = np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", rgba.size, (255, 255, 255))
+        bg.paste(rgba, mask=rgba.split()[-1])
+        return bg
+    return img.convert("RGB")

@@ -1,0 +1,156 @@
+"""The atlas layout in a store (DESIGN.md): object keys, the manifest, the two Parquet indexes, and the
+build's internal completion records. No torch here."""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.errors import StoreError
+from storage.store import Store
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TOPK = "index/topk.parquet"
+UNITS = "index/units.parquet"
+RECORDS = "_build/done"          # completion records: _build/done/<shard id>.json, written last
+STATES = "_build/state"          # dataset-pass partial reducer states (npz)
+
+TOPK_SCHEMA = pa.schema([
+    ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int16()),
+    ("activation", pa.float32()), ("image", pa.string()), ("y", pa.int32()), ("x", pa.int32()),
+    ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
+])
+# rows per Parquet row group of topk: a query for one unit reads one small group (stats pruning)
+TOPK_ROW_GROUP = 4096
+
+
+def unit_key(layer: str, unit: int, name: str) -> str:
+    """units/<layer>/<unit>/<name>: name is '<preset>.png', 'top-<rank>.jpg' or 'bottom-<rank>.jpg'."""
+    return f"units/{layer}/{int(unit)}/{name}"
+
+
+def crop_name(kind: str, rank: int) -> str:
+    return f"{kind}-{int(rank)}.jpg"
+
+
+def record_key(shard_id: str) -> str:
+    return f"{RECORDS}/{shard_id}.json"
+
+
+def state_key(shard_id: str) -> str:
+    return f"{STATES}/{shard_id}.npz"
+
+
+# ---------------------------------------------------------------- JSON objects
+def put_json(store: Store, key: str, obj: Any) -> None:
+    store.put(key, json.dumps(obj, indent=1, sort_keys=False, default=_json_default).encode())
+
+
+def get_json(store: Store, key: str) -> Any | None:
+    data = store.get_or_none(key)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None  # a foreign or damaged object: treated as absent (it is rewritten)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_manifest(store: Store) -> dict:
+    m = get_json(store, MANIFEST)
+    if m is None:
+        raise StoreError(f"no atlas at {store.uri!r} (manifest.json missing); build one with `deepvis build --out ...`")
+    return m
+
+
+# ---------------------------------------------------------------- numpy states (npz, no pickle)
+def pack_state(state: dict) -> bytes:
+    """Nested dict of numpy arrays / numbers / string lists -> npz bytes (loadable without pickle)."""
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if "/" in str(k):
+                    raise ValueError(f"state key {k!r} contains '/'")
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        else:
+            arr = np.asarray(obj)
+            if arr.dtype == object:
+                arr = arr.astype(str)
+            flat[prefix] = arr
+    walk("", state)
+    buf = io.BytesIO()
+    np.savez(buf, **flat)
+    return buf.getvalue()
+
+
+def unpack_state(data: bytes) -> dict:
+    out: dict = {}
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        for key in z.files:
+            node = out
+            *parents, leaf = key.split("/")
+            for p in parents:
+                node = node.setdefault(p, {})
+            arr = z[key]
+            node[leaf] = arr.item() if arr.ndim == 0 and arr.dtype.kind in "iufb" else arr
+    return out
+
+
+# ---------------------------------------------------------------- Parquet
+def table_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd",
+                   write_statistics=True)
+    return buf.getvalue().to_pybytes()
+
+
+def topk_table(rows: dict[str, list]) -> pa.Table:
+    """rows: column -> list, in TOPK_SCHEMA order; sorted by the caller (layer, unit, kind, rank)."""
+    return pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in TOPK_SCHEMA}, schema=TOPK_SCHEMA)
+
+
+def write_topk(store: Store, rows: dict[str, list]) -> None:
+    store.put(TOPK, table_bytes(topk_table(rows), TOPK_ROW_GROUP))
+
+
+def units_table(rows: list[dict], presets: list[str]) -> pa.Table:
+    """One row per (layer, unit): dataset stats (NaN without a dataset pass), and per preset the
+    activation reached (opt_<preset>) and whether its gradient was zero (dead_<preset>)."""
+    cols: dict[str, pa.Array] = {
+        "layer": pa.array([r["layer"] for r in rows], pa.string()),
+        "unit": pa.array([r["unit"] for r in rows], pa.int32()),
+    }
+    for c in ("mean", "std", "max", "frac_positive"):
+        cols[c] = pa.array([r.get(c, float("nan")) for r in rows], pa.float32())
+    cols["count"] = pa.array([r.get("count", 0) for r in rows], pa.int64())
+    for p in presets:
+        cols[f"opt_{p}"] = pa.array([r.get(f"opt_{p}", float("nan")) for r in rows], pa.float32())
+        cols[f"dead_{p}"] = pa.array([r.get(f"dead_{p}") for r in rows], pa.bool_())
+    cols["dead"] = pa.array([any(bool(r.get(f"dead_{p}")) for p in presets) for r in rows], pa.bool_())
+    return pa.table(cols)
+
+
+def read_table(store: Store, key: str, filters=None, columns=None) -> pa.Table:
+    """Read a Parquet object, fetching only the row groups the filters can match."""
+    try:
+        f = store.open(key)
+    except KeyError:
+        raise StoreError(f"{key} missing in {store.uri!r}; the atlas has no such index (was the build "
+                         f"run with a dataset / completed?)") from None
+    with f:
+        return pq.read_table(f, filters=filters, columns=columns)

@@ -1,0 +1,164 @@
+"""atlas_viewer.publish: the viewer's static files and compact data, written into an atlas."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from atlas_viewer import publish as pub
+from storage import layout
+from storage.store import LocalStore
+
+from tests.atlas_viewer.conftest import BIG, MID, OUT, XSS_FILE, XSS_LABEL, XSS_LAYER, ROOT, make_synthetic_atlas
+
+
+def strict_json(path):
+    """JSON as a browser parses it: no NaN/Infinity."""
+    def bad(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=bad)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    facts = make_synthetic_atlas(tmp_path_factory.mktemp("pub") / "atlas", big_units=300)
+    facts["model_json"] = pub.publish(facts["store"])
+    return facts
+
+
+def layer_json(facts, name):
+    return strict_json(facts["root"] / pub.layer_data_key(name))
+
+
+def test_static_files_copied(small):
+    root = small["root"]
+    for name in ("index.html", "app.js", "style.css"):
+        assert (root / "viewer" / name).read_bytes() == (pub.STATIC / name).read_bytes()
+    html = (root / "viewer/index.html").read_text()
+    # everything local: no absolute URLs to other hosts in the viewer
+    for f in ("index.html", "app.js", "style.css"):
+        text = (root / "viewer" / f).read_text()
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, f
+    assert 'type="module"' in html and "Content-Security-Policy" in html
+    assert "innerHTML" not in (root / "viewer/app.js").read_text().replace("never uses innerHTML", "") \
+        .replace("(no innerHTML)", "")
+
+
+def test_model_json(small):
+    m = strict_json(small["root"] / "viewer/data/model.json")
+    assert [l["name"] for l in m["layers"]] == [l["name"] for l in small["layers"]]
+    assert m["has_topk"] and m["has_units"] and m["status"] == "failed"
+    by = {l["name"]: l for l in m["layers"]}
+    assert by[BIG]["selected"] == 300 and by[BIG]["images"] == {"yosinski-3": 300, "yosinski-1": 300}
+    mid = by[MID]
+    assert mid["selected"] == 8 and mid["units"] == 32
+    assert mid["problems"]["failed"] == [4, 5, 6, 7]
+    assert mid["problems"]["dead"] == [2]
+    assert mid["problems"]["missing"] == {"yosinski-3": [1], "yosinski-1": []}
+    assert mid["problems"]["crops_missing"] == [0]
+    assert mid["dead"] == 1 and mid["failed"] == 4
+    assert m["failed_shards"][0]["id"] == f"opt/{MID}/4-7"
+    assert by[XSS_LAYER]["file"] == f"layers/{XSS_LAYER}.json"
+
+
+def test_layer_json_matches_indexes(small):
+    store = small["store"]
+    topk = pq.read_table(small["root"] / layout.TOPK).to_pylist()
+    units = {(r["layer"], r["unit"]): r for r in pq.read_table(small["root"] / layout.UNITS).to_pylist()}
+    for l in small["layers"]:
+        d = layer_json(small, l["name"])
+        assert d["units"] == l["selected"] and d["presets"] == small["presets"]
+        for i, u in enumerate(d["units"]):
+            r = units[(l["name"], u)]
+            for p in small["presets"]:
+                want = r[f"opt_{p}"]
+                got = d["opt"][p][i]
+                assert (got is None and (want is None or math.isnan(want))) or np.float32(got) == np.float32(want)
+                assert d["dead"][p][i] == r[f"dead_{p}"]
+            assert np.float32(d["stats"]["mean"][i]) == np.float32(r["mean"])
+        rows = [r for r in topk if r["layer"] == l["name"]]
+        for r in rows:
+            i = d["units"].index(r["unit"])
+            row = d[r["kind"]][i][r["rank"]]
+            assert np.float32(row[0]) == np.float32(r["activation"])     # exact float32 round trip
+            assert d["images"][row[1]] == r["image"]
+            assert row[2:8] == [r["y"], r["x"], r["x0"], r["y0"], r["x1"], r["y1"]]
+            assert row[9] == r["rank"]
+            assert row[8] == int(store.exists(layout.unit_key(l["name"], r["unit"], f"{r['kind']}-{r['rank']}.jpg")))
+    fc = layer_json(small, OUT)
+    assert fc["labels"][0] == XSS_LABEL and fc["labels"][1] == "class_1"
+    assert layer_json(small, MID)["labels"] is None
+    assert fc["images"][fc["top"][0][0][1]] == f"odd/{XSS_FILE}"
+    assert fc["history"]["yosinski-3"][0][-1] == pytest.approx(fc["opt"]["yosinski-3"][0], rel=1e-6)
+
+
+def test_sprites_hold_every_unit_image(small):
+    store, root = small["store"], small["root"]
+    d = layer_json(small, BIG)
+    tile, cols, per = d["tile"], d["cols"], d["per_sheet"]
+    assert d["sheets"]["yosinski-3"] == ["yosinski-3-0.png", "yosinski-3-1.png"]   # 300 units: 256 + 44
+    last = Image.open(root / pub.sprite_key(BIG, "yosinski-3", 1))
+    assert last.size == (cols * tile, math.ceil(44 / cols) * tile)
+    for i in (0, 17, 255, 256, 299):
+        sheet = Image.open(root / pub.sprite_key(BIG, "yosinski-3", i // per)).convert("RGB")
+        j = i % per
+        got = np.asarray(sheet.crop(((j % cols) * tile, (j // cols) * tile, (j % cols + 1) * tile, (j // cols + 1) * tile)))
+        src = Image.open(root / layout.unit_key(BIG, i, "yosinski-3.png")).convert("RGB")
+        want = np.asarray(src.resize((tile, tile), Image.NEAREST))     # 32 px -> 64 px, pixel-doubled
+        assert np.array_equal(got, want), i
+    mid = layer_json(small, MID)
+    assert mid["image"]["yosinski-3"] == [1, 0, 1, 1, 0, 0, 0, 0]
+    assert mid["failed_opt"] == [4, 5, 6, 7]
+    assert not store.exists(pub.sprite_key(MID, "yosinski-3", 1))
+
+
+def test_optimization_only_and_dataset_only(tmp_path):
+    opt_only = make_synthetic_atlas(tmp_path / "opt", big_units=5, topk=False)
+    (tmp_path / "opt" / layout.UNITS).unlink()
+    m = pub.publish(opt_only["store"])
+    assert not m["has_topk"] and not m["has_units"] and m["dataset"] is None
+    d = strict_json(tmp_path / "opt" / pub.layer_data_key(BIG))
+    assert d["top"] is None and d["stats"] is None and d["images"] is None
+    assert d["views"] == opt_only["presets"]
+    assert d["image"]["yosinski-3"] == [1] * 5 and d["opt"]["yosinski-3"] == [None] * 5
+
+    data_only = make_synthetic_atlas(tmp_path / "data", big_units=5, presets=[])
+    m = pub.publish(data_only["store"])
+    assert m["has_topk"] and m["presets"] == []
+    d = strict_json(tmp_path / "data" / pub.layer_data_key(MID))
+    assert len(d["top"]) == 8 and len(d["top"][0]) == 3
+    # no presets: the grid shows each unit's strongest dataset crop
+    assert d["views"] == [pub.TOP_VIEW] and d["sheets"] == {pub.TOP_VIEW: ["top-0-0.png"]}
+    assert d["image"][pub.TOP_VIEW] == [1] * 8
+    assert strict_json(tmp_path / "data" / pub.layer_data_key(BIG))["views"] == []   # no top-k rows there
+
+
+def test_republish_removes_stale_sheets_and_damaged_png_is_missing(tmp_path):
+    facts = make_synthetic_atlas(tmp_path / "a", big_units=300, topk=False)
+    store = facts["store"]
+    pub.publish(store)
+    assert store.exists(pub.sprite_key(BIG, "yosinski-3", 1))
+    m = layout.read_manifest(store)
+    m["layers"][0]["selected"] = list(range(10))
+    layout.put_json(store, layout.MANIFEST, m)
+    store.put(layout.unit_key(BIG, 3, "yosinski-3.png"), b"not a png")
+    pub.publish(store)
+    assert not store.exists(pub.sprite_key(BIG, "yosinski-3", 1))
+    d = strict_json(tmp_path / "a" / pub.layer_data_key(BIG))
+    assert d["image"]["yosinski-3"][3] == 0 and sum(d["image"]["yosinski-3"]) == 9
+
+
+def test_publish_does_not_import_torch(tmp_path):
+    facts = make_synthetic_atlas(tmp_path / "a", big_units=3, topk=False)
+    code = ("import sys; from atlas_viewer.publish import publish; from storage.store import LocalStore; "
+            f"publish(LocalStore({str(facts['root'])!r})); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert isinstance(facts["store"], LocalStore)

@@ -1,0 +1,187 @@
+"""`deepvis build` through a real local Ray cluster on the real offline model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.build import run_build
+from cluster.config import BuildConfig
+from storage import layout
+
+LAYERS = ["_blocks.1", "_fc"]
+UNITS = [0, 1, 2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(sample_dir, tmp_path_factory) -> str:
+    """A list file naming 40 real ImageNet images (every 20th of the sample)."""
+    files = sorted(p.relative_to(sample_dir).as_posix() for p in sample_dir.glob("*/*.JPEG"))[::20]
+    path = tmp_path_factory.mktemp("ds") / "images.txt"
+    path.write_text("".join(f"{sample_dir / f}\n" for f in files))
+    return str(path)
+
+
+def cfg_for(out, dataset, **kw) -> BuildConfig:
+    base = dict(layers=",".join(LAYERS), units="0:6", presets="yosinski-3", steps=12, size=48,
+                dataset=dataset, shard_units=2, shard_images=10, k=3, out=str(out), progress=False)
+    return BuildConfig(**{**base, **kw})
+
+
+TIMES = ("version", "generated", "build")  # when/how long the build ran: differs run to run by nature
+
+
+def atlas_files(root: Path) -> dict[str, bytes]:
+    """Every object of the atlas that must be deterministic (not the build's own bookkeeping)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        key = p.relative_to(root).as_posix()
+        if not p.is_file() or key.startswith(("_build/", "manifest.json")):
+            continue
+        data = p.read_bytes()
+        if key.startswith("viewer/data/") and key.endswith(".json"):
+            obj = json.loads(data)
+            data = json.dumps({k: v for k, v in obj.items() if k not in TIMES}, sort_keys=True).encode()
+        out[key] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, small_dataset, tmp_path_factory):
+    """A fault-free build with 2 actors."""
+    out = tmp_path_factory.mktemp("ref")
+    summary = run_build(cfg_for(out, small_dataset, actors=2))
+    return out, summary
+
+
+def test_build_writes_every_object_and_row(reference, small_dataset):
+    out, summary = reference
+    assert summary["status"] == "complete" and summary["failed_shards"] == []
+    assert summary["units"] == len(LAYERS) * len(UNITS)
+    files = atlas_files(out)
+    n_images = len(Path(small_dataset).read_text().split())
+    for layer in LAYERS:
+        for u in UNITS:
+            assert f"units/{layer}/{u}/yosinski-3.png" in files
+            for kind in ("top", "bottom"):
+                for r in range(3):
+                    assert f"units/{layer}/{u}/{kind}-{r}.jpg" in files
+    topk = pq.read_table(out / "index/topk.parquet")
+    assert topk.schema.equals(layout.TOPK_SCHEMA)
+    assert topk.num_rows == len(LAYERS) * len(UNITS) * 2 * 3
+    rows = topk.to_pylist()
+    assert all(0 <= r["x0"] < r["x1"] <= 224 and 0 <= r["y0"] < r["y1"] <= 224 for r in rows)
+    units = pq.read_table(out / "index/units.parquet").to_pylist()
+    assert [(r["layer"], r["unit"]) for r in units] == [(l, u) for l in LAYERS for u in UNITS]
+    assert all(r["count"] == n_images and r["opt_yosinski-3"] == r["opt_yosinski-3"] for r in units)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "complete" and [l["name"] for l in m["layers"]] == LAYERS
+    assert m["dataset"]["images"] == n_images and m["dataset"]["images_skipped"] == 0
+    assert m["model"]["preprocessing"]["crop"] == 224 and len(m["model"]["labels"]) == 1000
+
+
+def test_one_actor_same_bytes_as_two(reference, small_dataset, tmp_path):
+    out, _ = reference
+    summary = run_build(cfg_for(tmp_path, small_dataset, actors=1))
+    assert summary["status"] == "complete"
+    a, b = atlas_files(out), atlas_files(tmp_path)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_killed_actor_shard_is_redone(reference, small_dataset, tmp_path):
+    """Kill one actor process by PID mid-build: the build completes, equal to the fault-free one."""
+    pids = []
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done = list((tmp_path / "_build/done").rglob("*.json")) if (tmp_path / "_build/done").exists() else []
+            if done and pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = run_build(cfg_for(tmp_path, small_dataset, actors=2),
+                        on_actor=lambda actor, info: pids.append(info["pid"]))
+    t.join(5)
+    assert killed, "the actor was never killed"
+    assert len(pids) >= 3, "no replacement actor was started"
+    assert summary["status"] == "complete" and summary["shards_skipped"] == 0
+    # the same atlas as the fault-free build with the same parameters
+    a, b = atlas_files(reference[0]), atlas_files(tmp_path)
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+def test_interrupted_build_resumes_only_unfinished(small_dataset, tmp_path):
+    args = [sys.executable, "-m", "cluster.cli", "build", "--layers", ",".join(LAYERS), "--units", "0:6",
+            "--presets", "yosinski-3", "--steps", "40", "--size", "48", "--shard-units", "1",
+            "--dataset", small_dataset, "--shard-images", "10", "--k", "3",
+            "--out", str(tmp_path), "--no-progress", "--actors", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = tmp_path / "_build/done"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and len(list(records.rglob("*.json"))) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the build finished before it could be interrupted"
+    before = {p: p.stat().st_mtime_ns for p in records.rglob("*.json")}
+    total = len(LAYERS) * len(UNITS) + 4  # opt shards of one unit + dataset shards of 10 images
+    assert 0 < len(before) < total
+    summary = run_build(BuildConfig(layers=",".join(LAYERS), units="0:6", presets="yosinski-3", steps=40, size=48,
+                                    shard_units=1, dataset=small_dataset, shard_images=10, k=3,
+                                    out=str(tmp_path), progress=False, actors=2))
+    assert summary["status"] == "complete"
+    assert summary["shards_skipped"] == len(before)
+    assert summary["shards_computed"] == total - len(before)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished shards untouched
+    # a changed parameter recomputes the optimization shards, not the dataset shards
+    summary = run_build(BuildConfig(layers=",".join(LAYERS), units="0:6", presets="yosinski-3", steps=41, size=48,
+                                    shard_units=1, dataset=small_dataset, shard_images=10, k=3,
+                                    out=str(tmp_path), progress=False, actors=2))
+    assert summary["shards_skipped"] == 4 and summary["shards_computed"] == len(LAYERS) * len(UNITS)
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--layers", "nope"], "unknown layer 'nope'"),
+    (["--layers", "_blocks.1", "--units", "40:50"], "beyond layer '_blocks.1'"),
+    (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+    (["--presets", "yosinski-9"], "yosinski-9"),
+    (["--dataset", "/no/such/dir"], "/no/such/dir"),
+])
+def test_bad_input_fails_before_work(extra, msg, tmp_path):
+    out = tmp_path / "atlas"
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "cluster.cli", "build", "--out", str(out), "--no-progress"] + extra,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in r.stderr
+    assert not (out / "manifest.json").exists()
+    assert time.time() - t < 60
+
+
+def test_config_file_rejects_unknown_keys(tmp_path):
+    from tasks.errors import UserError
+    p = tmp_path / "b.toml"
+    p.write_text('model = "efficientnet_lite0"\nstepz = 3\n')
+    with pytest.raises(UserError, match="unknown key.*stepz"):
+        BuildConfig.from_toml(str(p))
+    p.write_text('[build]\nlayers = "_fc"\nsteps = 5\n')
+    cfg = BuildConfig.from_toml(str(p), {"steps": 7})
+    assert cfg.layers == "_fc" and cfg.steps == 7

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real ImageNet sample, the offline model, a real local Ray cluster."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SAMPLE = SHARED / "datasets" / "imagenet-sample"
+CLASSES = SHARED / "datasets" / "imagenet-classes.tsv"
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    if not SAMPLE.is_dir():
+        pytest.skip(f"{SAMPLE} not present")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from tasks.models import load_model
+    return load_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster for the whole session (2 CPUs, no dashboard)."""
+    import logging
+
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+             runtime_env={"env_vars": {"PYTHONDONTWRITEBYTECODE": "1"}})
+    yield ray
+    ray.shutdown()
