@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from cluster.config import BuildConfig, parse_units
 from storage import layout
+from storage.errors import StoreError
 from storage.store import Store, open_store
 from tasks.errors import UserError
 
@@ -155,7 +156,7 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     from cluster.worker import ShardWorker
 
     started = time.time()
-    store = open_store(cfg.out)
+    store = open_store(cfg.out, cfg.endpoint_url)
     plan = make_plan(cfg)
     started_ray = connect(cfg.address)
     try:
@@ -167,6 +168,9 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
         skipped = len(plan.opt_shards) + len(plan.data_shards) - len(todo)
         if skipped:
             log(f"resuming: {skipped} finished shard(s) skipped, {len(todo)} to compute")
+        # credentials never travel with the store (it pickles without them): actors use their own
+        # AWS chain — a local cluster's workers inherit the driver's environment, a remote cluster's
+        # nodes have instance roles or profiles
         remote = ray.remote(ShardWorker).options(max_restarts=0, **opts)
         make = lambda: remote.remote(cfg.model, cfg.weights, store, cfg.device, threads,  # noqa: E731
                                      cfg.dataset, cfg.presets_file)
@@ -183,7 +187,8 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
             if not shards:
                 return {}
             if not pool:
-                pool.append(ShardPool(make, min(n_actors, len(shards)), cfg.max_attempts, actor_started))
+                pool.append(ShardPool(make, min(n_actors, len(shards)), cfg.max_attempts, actor_started,
+                                      fatal=(StoreError,)))
             return pool[0].run(shards, on_done)
 
         def finished(shard, summary):

@@ -11,6 +11,8 @@ def add_parser(sub):
                                    "run the model on a new image and list the units it excites most, relative "
                                    "to each unit's maximum over the dataset.")
     p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, R2); default: AWS_ENDPOINT_URL or AWS")
     p.add_argument("--layer", help="layer name (as in `deepvis status`)")
     p.add_argument("--unit", type=int, help="unit (channel) index")
     p.add_argument("-k", type=int, default=9, help="how many rows (default: 9)")
@@ -24,7 +26,7 @@ def run(args) -> int:
     from storage.atlas import Atlas
     from tasks.errors import UserError
 
-    atlas = Atlas.open(args.store)
+    atlas = Atlas.open(args.store, args.endpoint_url)
     if args.image:
         rows = image_query(atlas, args.image, args.layer, args.k)
         if args.json:

@@ -25,6 +25,8 @@ def add_parser(sub):
                                    "open the printed URL. Nothing is written while serving; an atlas "
                                    "without a viewer (built before the viewer existed) gets one first.")
     p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, R2); default: AWS_ENDPOINT_URL or AWS")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the atlas "
@@ -199,7 +201,7 @@ def run(args) -> int:
     from storage.store import open_store
     from tasks.errors import UserError
 
-    store = open_store(args.store)
+    store = open_store(args.store, args.endpoint_url)
     layout.read_manifest(store)  # a clear error when STORE holds no atlas
     if args.publish or not store.exists("viewer/data/model.json") or not store.exists("viewer/index.html"):
         from atlas_viewer.publish import publish

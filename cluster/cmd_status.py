@@ -9,6 +9,8 @@ def add_parser(sub):
                        description="Per layer of the atlas at STORE: units expected, optimized (done), "
                                    "dead (zero gradient) and in failed shards. Works during a build too.")
     p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, R2); default: AWS_ENDPOINT_URL or AWS")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -47,7 +49,7 @@ def layer_status(store) -> tuple[dict, list[dict]]:
 def run(args) -> int:
     from storage.store import open_store
 
-    m, rows = layer_status(open_store(args.store))
+    m, rows = layer_status(open_store(args.store, args.endpoint_url))
     if args.json:
         print(json.dumps({"status": m["status"], "layers": rows, "failed_shards": m.get("failed_shards", [])}))
         return 0

@@ -22,6 +22,7 @@ class BuildConfig:
     dataset: str | None = None          # image folder / list file; None: no dataset pass
     k: int = 9                          # top-k and bottom-k per unit
     out: str = "atlas"                  # the store: a directory or s3://bucket/prefix
+    endpoint_url: str | None = None     # S3-compatible server (MinIO, SeaweedFS, R2...); else AWS_ENDPOINT_URL
     address: str | None = None          # None: start a local Ray cluster; "auto" or ray://host:port
     actors: int | None = None           # None: one per GPU, else one per CPU core
     device: str | None = None           # None: cuda when the actor has a GPU, else cpu

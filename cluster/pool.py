@@ -25,8 +25,10 @@ def _short(err: BaseException) -> str:
 
 class ShardPool:
     def __init__(self, make_actor: Callable[[], "ray.actor.ActorHandle"], n_actors: int, max_attempts: int = 3,
-                 on_actor: Callable[[object, dict], None] | None = None):
+                 on_actor: Callable[[object, dict], None] | None = None,
+                 fatal: tuple[type[BaseException], ...] = ()):
         self.make_actor = make_actor
+        self.fatal = fatal  # errors that doom every shard (the store is unreachable): stop at once
         self.max_attempts = max_attempts
         self.on_actor = on_actor
         self.actors: list = []
@@ -74,6 +76,8 @@ class ShardPool:
                         idle.extend(self._start(1))
                     continue
                 except RayTaskError as e:
+                    if self.fatal and isinstance(getattr(e, "cause", None), self.fatal):
+                        raise e.cause from None
                     idle.append(actor)
                     self._retry(shard, e, attempts, queue, failed)
                     continue

@@ -13,8 +13,8 @@ class Atlas:
         self.layers = {l["name"]: l for l in manifest.get("layers", [])}
 
     @classmethod
-    def open(cls, uri: str | Store) -> "Atlas":
-        store = uri if isinstance(uri, Store) else open_store(uri)
+    def open(cls, uri: str | Store, endpoint_url: str | None = None) -> "Atlas":
+        store = uri if isinstance(uri, Store) else open_store(uri, endpoint_url)
         return cls(store, layout.read_manifest(store))
 
     def check_unit(self, layer: str, unit: int) -> None:

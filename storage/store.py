@@ -140,8 +140,9 @@ class LocalStore(Store):
         return str(self._path(key))
 
 
-def open_store(uri: str) -> Store:
-    """'s3://bucket/prefix' -> S3 store; 'file://path' or a plain path -> local directory."""
+def open_store(uri: str, endpoint_url: str | None = None) -> Store:
+    """'s3://bucket/prefix' -> S3 store (endpoint_url, else AWS_ENDPOINT_URL, for S3-compatible
+    servers); 'file://path' or a plain path -> local directory."""
     if not uri or not str(uri).strip():
         raise StoreError("empty store address; pass a directory or s3://bucket/prefix")
     uri = str(uri)
@@ -150,7 +151,7 @@ def open_store(uri: str) -> Store:
             from storage.s3 import S3Store
         except ModuleNotFoundError:
             raise StoreError("S3 stores are not available in this version; use a local directory") from None
-        return S3Store.from_uri(uri)
+        return S3Store.from_uri(uri, endpoint_url=endpoint_url)
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"unsupported store address {uri!r}; use a directory path or s3://bucket/prefix")
     return LocalStore(uri[len("file://"):] if uri.startswith("file://") else uri)
