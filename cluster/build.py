@@ -97,7 +97,8 @@ def make_shards(plan: Plan, gpu: bool = False) -> None:
     if plan.images:
         names_l = [l["name"] for l in plan.layers]
         units_l = [l["units"] for l in plan.layers]
-        n = cfg.shard_images
+        # a whole number of batches per shard (see ShardWorker._dataset)
+        n = -(-cfg.shard_images // cfg.batch_size) * cfg.batch_size
         for i in range(0, len(plan.images), n):
             ids = plan.images[i:i + n]
             shard = {"type": "data", "layers": names_l, "units": units_l, "k": cfg.k, "images": ids,

@@ -81,25 +81,30 @@ class ShardWorker:
             except BadImage as e:
                 return image_id, None, str(e)
 
+        # batches are fixed slices of the shard's ids (shards start at multiples of the batch size), so
+        # every image is computed in the same batch whatever the sharding: the kernels' rounding
+        # depends on the batch, and the atlas must not depend on the sharding
         bs = shard["batch_size"]
         ids = shard["images"]
         seen = 0
         with ThreadPoolExecutor(max_workers=2) as pool:  # decoding overlaps the forward passes
             decoded = pool.map(load, ids)
-            batch_ids, batch = [], []
-            for i, (image_id, x, err) in enumerate(decoded):
-                if err is not None:
-                    skipped.append({"image": image_id, "reason": err})
-                else:
-                    batch_ids.append(image_id)
-                    batch.append(x)
-                if batch and (len(batch) == bs or i == len(ids) - 1):
-                    out = batch_unit_maxima(self.lm.module, layers, torch.stack(batch).to(self.device))
-                    for red, layer in zip(reducers, layers):
-                        vals, ys, xs = out[layer]
-                        red.add(vals.cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy(), batch_ids)
-                    seen += len(batch)
-                    batch_ids, batch = [], []
+            for start in range(0, len(ids), bs):
+                batch_ids, batch = [], []
+                for _ in range(min(bs, len(ids) - start)):
+                    image_id, x, err = next(decoded)
+                    if err is not None:
+                        skipped.append({"image": image_id, "reason": err})
+                    else:
+                        batch_ids.append(image_id)
+                        batch.append(x)
+                if not batch:
+                    continue
+                out = batch_unit_maxima(self.lm.module, layers, torch.stack(batch).to(self.device))
+                for red, layer in zip(reducers, layers):
+                    vals, ys, xs = out[layer]
+                    red.add(vals.cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy(), batch_ids)
+                seen += len(batch)
         state = {f"L{i}": red.state_dict() for i, red in enumerate(reducers)}
         self.store.put(layout.state_key(shard["id"]), layout.pack_state(state))
         return {"images": len(ids), "seen": seen, "skipped": skipped}

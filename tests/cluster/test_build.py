@@ -32,7 +32,7 @@ def small_dataset(sample_dir, tmp_path_factory) -> str:
 
 def cfg_for(out, dataset, **kw) -> BuildConfig:
     base = dict(layers=",".join(LAYERS), units="0:6", presets="yosinski-3", steps=12, size=48,
-                dataset=dataset, shard_units=2, shard_images=10, k=3, out=str(out), progress=False)
+                dataset=dataset, shard_units=2, shard_images=10, batch_size=10, k=3, out=str(out), progress=False)
     return BuildConfig(**{**base, **kw})
 
 
@@ -128,7 +128,7 @@ def test_killed_actor_shard_is_redone(reference, small_dataset, tmp_path):
 def test_interrupted_build_resumes_only_unfinished(small_dataset, tmp_path):
     args = [sys.executable, "-m", "cluster.cli", "build", "--layers", ",".join(LAYERS), "--units", "0:6",
             "--presets", "yosinski-3", "--steps", "40", "--size", "48", "--shard-units", "1",
-            "--dataset", small_dataset, "--shard-images", "10", "--k", "3",
+            "--dataset", small_dataset, "--shard-images", "10", "--batch-size", "10", "--k", "3",
             "--out", str(tmp_path), "--no-progress", "--actors", "2"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     records = tmp_path / "_build/done"
@@ -144,7 +144,7 @@ def test_interrupted_build_resumes_only_unfinished(small_dataset, tmp_path):
     total = len(LAYERS) * len(UNITS) + 4  # opt shards of one unit + dataset shards of 10 images
     assert 0 < len(before) < total
     summary = run_build(BuildConfig(layers=",".join(LAYERS), units="0:6", presets="yosinski-3", steps=40, size=48,
-                                    shard_units=1, dataset=small_dataset, shard_images=10, k=3,
+                                    shard_units=1, dataset=small_dataset, shard_images=10, batch_size=10, k=3,
                                     out=str(tmp_path), progress=False, actors=2))
     assert summary["status"] == "complete"
     assert summary["shards_skipped"] == len(before)
@@ -152,7 +152,7 @@ def test_interrupted_build_resumes_only_unfinished(small_dataset, tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # finished shards untouched
     # a changed parameter recomputes the optimization shards, not the dataset shards
     summary = run_build(BuildConfig(layers=",".join(LAYERS), units="0:6", presets="yosinski-3", steps=41, size=48,
-                                    shard_units=1, dataset=small_dataset, shard_images=10, k=3,
+                                    shard_units=1, dataset=small_dataset, shard_images=10, batch_size=10, k=3,
                                     out=str(tmp_path), progress=False, actors=2))
     assert summary["shards_skipped"] == 4 and summary["shards_computed"] == len(LAYERS) * len(UNITS)
 
