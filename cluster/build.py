@@ -41,6 +41,10 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _dataset_uri(dataset: str) -> str:
+    return dataset if "://" in dataset else os.path.abspath(dataset)
+
+
 def _weights_signature(weights: str | None) -> str:
     if weights in (None, "default", "none"):
         return str(weights)
@@ -69,7 +73,7 @@ def make_plan(cfg: BuildConfig) -> Plan:
     plan = Plan(cfg, model, layers, presets, labels=lm.labels)
     if cfg.dataset:
         from storage.datasets import list_images
-        plan.images = list_images(cfg.dataset)
+        plan.images = list_images(cfg.dataset, cfg.endpoint_url)
     return plan
 
 
@@ -105,7 +109,7 @@ def make_shards(plan: Plan, gpu: bool = False) -> None:
                      "batch_size": cfg.batch_size}
             shard["id"] = f"data/{i // n:05d}"
             shard["hash"] = _hash({**base, **{k: v for k, v in shard.items() if k != "batch_size"},
-                                   "dataset": os.path.abspath(cfg.dataset)})
+                                   "dataset": _dataset_uri(cfg.dataset)})
             plan.data_shards.append(shard)
 
 
@@ -174,7 +178,7 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
         # nodes have instance roles or profiles
         remote = ray.remote(ShardWorker).options(max_restarts=0, **opts)
         make = lambda: remote.remote(cfg.model, cfg.weights, store, cfg.device, threads,  # noqa: E731
-                                     cfg.dataset, cfg.presets_file)
+                                     cfg.dataset, cfg.presets_file, cfg.endpoint_url)
         actors_info: list[dict] = []
 
         def actor_started(actor, info):
@@ -259,7 +263,7 @@ def _merge_dataset(store: Store, plan: Plan) -> dict:
 
 
 def _crop_shards(plan: Plan, merged: dict, per: int = 64) -> list[dict]:
-    base = {**_base_hash(plan), "dataset": os.path.abspath(plan.cfg.dataset)}
+    base = {**_base_hash(plan), "dataset": _dataset_uri(plan.cfg.dataset)}
     shards = []
     for l in plan.layers:
         res = merged[l["name"]].result()
@@ -362,7 +366,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
         "optimization": {"steps": cfg.steps, "size": cfg.size},
         "k": cfg.k,
         "dataset": None if not cfg.dataset else {
-            "uri": os.path.abspath(cfg.dataset) if "://" not in cfg.dataset else cfg.dataset,
+            "uri": _dataset_uri(cfg.dataset),
             "images": len(plan.images),
             "images_seen": (summary or {}).get("images_seen"),
             "images_skipped": (summary or {}).get("images_skipped"),

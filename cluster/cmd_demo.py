@@ -49,6 +49,7 @@ def run(args) -> int:
     summary = run_build(cfg)
     print_summary(summary)
     print(f"\nThe atlas is in {summary['atlas']}:\n"
+          f"  deepvis serve {args.out}      (then open http://127.0.0.1:8000/)\n"
           f"  deepvis status {args.out}\n"
           f"  deepvis query {args.out} --layer _fc --unit 1\n"
           f"  images: {summary['atlas']}/units/<layer>/<unit>/yosinski-3.png, top-<rank>.jpg")

@@ -12,7 +12,7 @@ from storage import layout
 
 class ShardWorker:
     def __init__(self, model: str, weights: str | None, store, device: str | None, threads: int,
-                 dataset: str | None = None, presets_file: str | None = None):
+                 dataset: str | None = None, presets_file: str | None = None, endpoint_url: str | None = None):
         import torch
         from tasks.models import load_model
 
@@ -23,6 +23,7 @@ class ShardWorker:
         self.store = store
         self.dataset = dataset
         self.presets_file = presets_file
+        self.endpoint_url = endpoint_url  # for an s3:// dataset (the store carries its own)
         self._images: dict[str, object] = {}  # decoded crop inputs, reused across a crop shard
 
     def pid(self) -> int:
@@ -77,7 +78,7 @@ class ShardWorker:
 
         def load(image_id):
             try:
-                return image_id, preprocess(read_image(root, image_id), pre), None
+                return image_id, preprocess(read_image(root, image_id, endpoint_url=self.endpoint_url), pre), None
             except BadImage as e:
                 return image_id, None, str(e)
 
@@ -126,7 +127,7 @@ class ShardWorker:
             img = self._images.get(e["image"])
             if img is None:
                 try:
-                    img = crop_input(read_image(root, e["image"]), self.lm.preprocessing)
+                    img = crop_input(read_image(root, e["image"], endpoint_url=self.endpoint_url), self.lm.preprocessing)
                 except BadImage:  # vanished or changed since the dataset pass: keep the row, no crop
                     out.append({**e, "box": list(box), "crop": False})
                     continue

@@ -8,7 +8,7 @@ A source is
     absolute; blank lines and '#' comments are ignored; every entry is listed whatever its
     extension (a missing or unreadable one is skipped at decode time);
   - a single image file (a dataset of one).
-(`s3://bucket/prefix` is reserved for the S3 source: `_split_source` is where it plugs in.)
+(`s3://bucket/prefix` sources list the image keys under the prefix and read them through storage.s3.)
 
 Image id = the path relative to the dataset root (`dataset_root(source)`: the directory itself, or
 the list file's / image file's directory), '/'-separated, normalized. A relative list entry stays
@@ -24,6 +24,7 @@ on white, as tasks.preprocess.to_rgb).
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -50,8 +51,7 @@ def _split_source(source: str) -> tuple[str, str]:
     if "://" in source:
         scheme = source.split("://", 1)[0]
         if scheme == "s3":
-            raise StoreError(f"dataset {source!r}: S3 datasets are not supported yet; copy the images "
-                             f"to a local directory and pass that")
+            return "s3", source.rstrip("/")
         raise StoreError(f"dataset {source!r}: unknown scheme {scheme!r}; pass a local directory or a "
                          f"text file listing image paths")
     path = os.path.abspath(os.path.expanduser(source))
@@ -68,7 +68,19 @@ def _split_source(source: str) -> tuple[str, str]:
 def dataset_root(source: str) -> str:
     """The directory image ids are relative to."""
     kind, path = _split_source(source)
-    return path if kind == "dir" else os.path.dirname(path)
+    return path if kind in ("dir", "s3") else os.path.dirname(path)
+
+
+_stores: dict = {}
+
+
+def _s3(root: str, endpoint_url: str | None = None):
+    """One S3Store per (prefix, endpoint) and process (a worker reads many images from it)."""
+    key = (root, endpoint_url)
+    if key not in _stores:
+        from storage.store import open_store
+        _stores[key] = open_store(root, endpoint_url)
+    return _stores[key]
 
 
 def _to_id(root: str, path: str) -> str:
@@ -128,11 +140,15 @@ def _read_list(list_file: str) -> list[str]:
     return ids
 
 
-def list_images(source: str) -> list[str]:
+def list_images(source: str, endpoint_url: str | None = None) -> list[str]:
     """The image ids of a dataset, sorted ascending and unique. StoreError when the source does not
-    exist or lists no image."""
+    exist or lists no image. An s3://bucket/prefix source lists the image keys under the prefix."""
     kind, path = _split_source(source)
-    if kind == "dir":
+    if kind == "s3":
+        ids = [k for k in _s3(path, endpoint_url).list("") if is_image_name(k.rsplit("/", 1)[-1])
+               and not any(part.startswith(".") for part in k.split("/"))]
+        what = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {source!r}"
+    elif kind == "dir":
         ids = _walk(path)
         what = f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {source!r}"
     elif kind == "list":
@@ -150,8 +166,18 @@ def image_path(root: str, image_id: str) -> str:
     return os.path.join(root, *image_id.split("/")) if not image_id.startswith("/") else image_id
 
 
-def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode one image fully into memory as RGB. BadImage(reason) when it cannot be used."""
+def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               endpoint_url: str | None = None) -> Image.Image:
+    """Decode one image fully into memory as RGB. BadImage(reason) when it cannot be used; an
+    unreachable S3 store raises StoreError (every image would fail: it is not the image's fault)."""
+    if root.startswith("s3://"):
+        try:
+            data = _s3(root, endpoint_url).get(image_id)
+        except KeyError:
+            raise BadImage("file not found") from None
+        if not data:
+            raise BadImage("empty file")
+        return _decode(io.BytesIO(data), max_pixels)
     path = image_path(root, image_id)
     try:
         size = os.path.getsize(path)
@@ -164,7 +190,15 @@ def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     if size == 0:
         raise BadImage("empty file")
     try:
-        with open(path, "rb") as fh, warnings.catch_warnings():
+        with open(path, "rb") as fh:
+            return _decode(fh, max_pixels)
+    except PermissionError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+
+
+def _decode(fh, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fh)
             w, h = img.size

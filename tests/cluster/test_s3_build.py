@@ -137,3 +137,28 @@ def test_server_stopped_mid_build_then_resumed(dataset, tmp_path, monkeypatch):
         assert len(pngs) == 8
     finally:
         server.stop()
+
+
+def test_dataset_from_s3_prefix_matches_local_folder(s3_server, sample_dir, tmp_path):
+    """`--dataset s3://bucket/prefix` gives the same top-k index as the same images in a local folder."""
+    files = sorted(sample_dir.glob("*/*.JPEG"))[::100][:8]
+    local_ds = tmp_path / "ds"
+    c = s3_server.client()
+    for f in files:
+        rel = f.relative_to(sample_dir).as_posix()
+        (local_ds / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local_ds / rel).write_bytes(f.read_bytes())
+        c.put_object(Bucket=s3_server.bucket, Key=f"datasets/sample/{rel}", Body=f.read_bytes())
+    c.put_object(Bucket=s3_server.bucket, Key="datasets/sample/bad/broken.jpg", Body=b"not a jpeg")
+    (local_ds / "bad").mkdir()
+    (local_ds / "bad" / "broken.jpg").write_bytes(b"not a jpeg")
+    common = ["build", "--layers", "_fc", "--presets", "none", "--k", "2", "--actors", "1", "--no-progress",
+              "--endpoint-url", s3_server.endpoint_url]
+    env = s3_server.env()
+    a = cli(*common, "--dataset", f"s3://{s3_server.bucket}/datasets/sample", "--out", str(tmp_path / "a"), env=env)
+    b = cli(*common, "--dataset", str(local_ds), "--out", str(tmp_path / "b"), env=env)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert (tmp_path / "a/index/topk.parquet").read_bytes() == (tmp_path / "b/index/topk.parquet").read_bytes()
+    m = json.loads((tmp_path / "a/manifest.json").read_text())
+    assert m["dataset"]["uri"] == f"s3://{s3_server.bucket}/datasets/sample"
+    assert m["dataset"]["images"] == 9 and [s["image"] for s in m["dataset"]["skipped"]] == ["bad/broken.jpg"]
