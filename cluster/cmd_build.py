@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from cluster.args import ENDPOINT_HELP
 from cluster.config import BuildConfig
 
 HELP = {
@@ -17,7 +18,7 @@ HELP = {
     "dataset": "image folder or list file for the top-k dataset pass (default: no dataset pass)",
     "k": "top-k and bottom-k images kept per unit (default: 9)",
     "out": "the atlas store: a directory or s3://bucket/prefix (default: ./atlas)",
-    "endpoint_url": "S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, Ceph, R2); default: AWS_ENDPOINT_URL or AWS",
+    "endpoint_url": ENDPOINT_HELP,
     "address": "Ray cluster to join: 'auto' or ray://host:10001 (default: start a local cluster)",
     "actors": "number of actors (default: one per GPU, else one per CPU core)",
     "device": "cpu or cuda (default: cuda when the actor has a GPU)",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from cluster.args import add_store_args
+
 
 def add_parser(sub):
     p = sub.add_parser("query", help="top images of a unit, or top units of an image",
@@ -10,9 +12,7 @@ def add_parser(sub):
                                    "unit most (or least, --bottom), read from index/topk.parquet. With --image: "
                                    "run the model on a new image and list the units it excites most, relative "
                                    "to each unit's maximum over the dataset.")
-    p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
-    p.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, R2); default: AWS_ENDPOINT_URL or AWS")
+    add_store_args(p)
     p.add_argument("--layer", help="layer name (as in `deepvis status`)")
     p.add_argument("--unit", type=int, help="unit (channel) index")
     p.add_argument("-k", type=int, default=9, help="how many rows (default: 9)")

@@ -15,6 +15,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+from cluster.args import add_store_args
+
 INDEX = "/viewer/index.html"
 
 
@@ -24,9 +26,7 @@ def add_parser(sub):
                                    "object by object) with its static viewer, for local browsing: "
                                    "open the printed URL. Nothing is written while serving; an atlas "
                                    "without a viewer (built before the viewer existed) gets one first.")
-    p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
-    p.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, R2); default: AWS_ENDPOINT_URL or AWS")
+    add_store_args(p)
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the atlas "

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import json
 
+from cluster.args import add_store_args
+
 
 def add_parser(sub):
     p = sub.add_parser("status", help="report how complete an atlas is, per layer",
                        description="Per layer of the atlas at STORE: units expected, optimized (done), "
                                    "dead (zero gradient) and in failed shards. Works during a build too.")
-    p.add_argument("store", help="the atlas: a directory or s3://bucket/prefix")
-    p.add_argument("--endpoint-url", default=None,
-                   help="S3 endpoint for S3-compatible servers (MinIO, SeaweedFS, R2); default: AWS_ENDPOINT_URL or AWS")
+    add_store_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
