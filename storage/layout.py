@@ -153,4 +153,6 @@ def read_table(store: Store, key: str, filters=None, columns=None) -> pa.Table:
         raise StoreError(f"{key} missing in {store.uri!r}; the atlas has no such index (was the build "
                          f"run with a dataset / completed?)") from None
     with f:
-        return pq.read_table(f, filters=filters, columns=columns)
+        # use_threads=False: pyarrow's thread pool can abort the process at interpreter exit
+        # ("terminate called without an active exception"); one unit's rows are a tiny read anyway
+        return pq.read_table(f, filters=filters, columns=columns, use_threads=False)
