@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmd import replace_section  # noqa: E402  (bench/ is the script directory)
 
 from cluster.build import make_plan, make_shards, run_build  # noqa: E402
 from cluster.config import BuildConfig  # noqa: E402
@@ -66,18 +67,7 @@ def load() -> float:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace the "## Build (Ray overhead)" section of BENCHMARKS.md (up to the next "## " heading),
-    or add it at the end; keep the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    pat = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(text):
-        text = pat.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    tmp.replace(path)
+    replace_section(path, SECTION, f"{SECTION}\n\n{body.rstrip()}\n")
 
 
 def bare_loop(lm, shards, presets, model_name) -> tuple[float, list]:

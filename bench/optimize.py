@@ -19,7 +19,6 @@ import datetime as dt
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmd import replace_section  # noqa: E402  (bench/ is the script directory)
 
 from tasks.models import load_model  # noqa: E402
 from tasks.optimize import (Hyper, clip_range, get_preset, objective, optimize_units,  # noqa: E402
@@ -104,17 +105,7 @@ def machine(device: torch.device) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace the "## Optimization" section of BENCHMARKS.md (up to the next "## " heading), keep the rest."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{SECTION}\n\n{body.rstrip()}\n"
-    pat = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(text):
-        text = pat.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    tmp.replace(path)
+    replace_section(path, SECTION, f"{SECTION}\n\n{body.rstrip()}\n")
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmd import replace_section  # noqa: E402  (bench/ is the script directory)
 
 SECTION = "## Object storage"
 
@@ -119,13 +120,7 @@ def markdown(rows: list[dict], args) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pat = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
-    if pat.search(text):
-        text = pat.sub(lambda m: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
+    replace_section(path, SECTION, section)
 
 
 def main(argv=None):
