@@ -9,14 +9,8 @@ device->host copy per batch.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from tasks.hooks import hooked
-
-
-def _module(model) -> nn.Module:
-    """An nn.Module, or a tasks.models.LoadedModel (its .module)."""
-    return model if isinstance(model, nn.Module) else model.module
+from tasks.hooks import as_module, hooked
 
 
 def spatial_max(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +40,7 @@ def batch_unit_maxima(model, layers: list[str], x: torch.Tensor, to_cpu: bool = 
     to_cpu=False: leave them on the model's device (RunningTopK.add then reduces them there and
     moves only the few candidates that can enter a top/bottom list: on a GPU, what keeps the pass
     from being bound by host-side numpy)."""
-    module = _module(model)
+    module = as_module(model)
     names = list(dict.fromkeys(layers))
     if not names:
         return {}

@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
 SEPARATOR = 64  # value of separator pixels and of empty grid cells
 
@@ -92,9 +91,9 @@ def layer_activations(model, layer: str, x: torch.Tensor) -> torch.Tensor:
     """The output of `layer` for one image x (3, H, W) or a batch of one (1, 3, H, W) -> (C, H, W)
     or (C,), on the CPU. `model` is an nn.Module or a tasks.models.LoadedModel. Unknown layer ->
     UserError (tasks.hooks.get_layer)."""
-    from tasks.hooks import hooked
+    from tasks.hooks import as_module, hooked
 
-    module = model if isinstance(model, nn.Module) else model.module
+    module = as_module(model)
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[0] != 1:

@@ -17,6 +17,11 @@ class _StopForward(Exception):
     pass
 
 
+def as_module(model) -> nn.Module:
+    """An nn.Module, or a tasks.models.LoadedModel (its .module)."""
+    return model if isinstance(model, nn.Module) else model.module
+
+
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)

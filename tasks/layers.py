@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tasks.errors import UserError
+from tasks.hooks import get_layer
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -55,7 +56,7 @@ def enumerate_layers(model: nn.Module, input_size: int, extra: list[str] | None 
             candidates[name] = (module, kind)
     for name in extra or []:
         if name not in candidates:
-            candidates[name] = (_submodule(model, name), None)
+            candidates[name] = (get_layer(model, name), None)
     fired: dict[str, list] = {}
     order: list[str] = []
 
@@ -87,13 +88,6 @@ def enumerate_layers(model: nn.Module, input_size: int, extra: list[str] | None 
         kind = candidates[name][1] or type(candidates[name][0]).__name__.lower()
         infos.append(LayerInfo(name, kind, tuple(shape[1:]), int(shape[1])))
     return infos
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise UserError(f"unknown layer {name!r}; run `deepvis layers MODEL` to list the layers") from None
 
 
 def is_pattern(s: str) -> bool:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tasks.hooks import hooked
+from tasks.hooks import as_module, hooked
 
 
 @dataclass
@@ -132,10 +132,6 @@ def _surrogate(module: nn.Module, device, dtype=torch.float32, seed: int = 0) ->
                 if getattr(sub, "running_var", None) is not None:
                     sub.running_var.fill_(1.0)
     return m
-
-
-def _module(model) -> nn.Module:
-    return model if isinstance(model, nn.Module) else model.module
 
 
 def _default_chunk(device) -> int:
@@ -230,7 +226,7 @@ def receptive_field_maps(model, layers: list[str], input_size: int, device="cpu"
     Linear surrogates (plain conv nets) are evaluated directly on the one-hot tangents, in float32
     unless the smallest derivative seen comes near float32's underflow, then in float64; the others
     with forward-mode AD (jvp) in float64."""
-    module = _module(model)
+    module = as_module(model)
     names = list(dict.fromkeys(layers))
     if not names:
         return {}
@@ -331,7 +327,7 @@ def receptive_boxes(model, layer: str, input_size: int, positions: list[tuple[in
     """For each (y, x) of the layer's map: (x0, y0, x1, y1), the region of the preprocessed input
     (pixels, x1/y1 exclusive, within [0, input_size]) that the unit at (y, x) sees. For N x C layers
     the single box (every position given maps to it)."""
-    module = _module(model)
+    module = as_module(model)
     rf = _cached_map(module, layer, input_size, device)
     h, w = rf.shape
     boxes = []
