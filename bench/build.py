@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import io
 import logging
-import math
 import os
 import platform
 import shutil
@@ -204,8 +203,8 @@ def main(argv=None) -> int:
     ]
     for n in (1, 2):
         b = builds[n]
-        rows += [(f"run_build: whole build", str(n), b["wall"]),
-                 (f"run_build: shards only (actors ready → last record)", str(n), b["best_shards"])]
+        rows += [("run_build: whole build", str(n), b["wall"]),
+                 ("run_build: shards only (actors ready → last record)", str(n), b["best_shards"])]
     lines = ["| method | actors | units | seconds | units/s | vs bare loop (1 thread) |",
              "|---|---|---|---|---|---|"]
     for m, n, s in rows:

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             rows.append((size, "batched: optimize_units", b, b / t))
             print(f"{size}px batch {b}: {b / t:.3f} units/s ({b / t / base:.2f}x)", file=sys.stderr, flush=True)
 
-    lines = [f"| image | method | units per batch | units/s | vs baseline |", "|---|---|---|---|---|"]
+    lines = ["| image | method | units per batch | units/s | vs baseline |", "|---|---|---|---|---|"]
     base_of = {s: u for s, m, _, u in rows if m.startswith("baseline")}
     for s, m, b, u in rows:
         lines.append(f"| {s} px | {m} | {b} | {u:.3g} | {u / base_of[s]:.2f}x |")

@@ -1,7 +1,6 @@
 """Shared fixtures: the real ImageNet sample, the offline model, a real local Ray cluster."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,7 @@ from torch import nn
 
 from tasks.errors import UserError
 from tasks.hooks import hooked
-from tasks.layers import enumerate_layers, resolve_layers
+from tasks.layers import resolve_layers
 from tasks.models import load_model
 
 
