@@ -103,6 +103,7 @@ class DatasetFiles:
 class AtlasHandler(BaseHTTPRequestHandler):
     server_version = "deepvis"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True   # headers and body go in two writes: no 40 ms delayed-ACK stall
 
     # set on the subclass made by make_server
     store = None

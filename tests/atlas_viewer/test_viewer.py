@@ -4,7 +4,6 @@ small build. Screenshots go to artifacts/ (git-ignored)."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import layout
-from tests.atlas_viewer.conftest import (ARTIFACTS, BIG, MID, OUT, XSS_FILE, XSS_LABEL, XSS_LAYER, screenshot,
-                                         serve)
+from tests.atlas_viewer.conftest import (ARTIFACTS, BIG, MID, MISSING_UNIT, OUT, REAL_LAYERS, XSS_FILE, XSS_LABEL,
+                                         XSS_LAYER, screenshot, serve)
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 
@@ -228,41 +227,6 @@ def test_optimization_only_and_dataset_only_atlases(page, tmp_path):
                 assert "No optimization presets" in text and page.locator("#top img").count() == 3
         finally:
             srv.stop()
-
-
-# ---------------------------------------------------------------- a real build
-REAL_LAYERS = ["_blocks.1", "_fc"]
-MISSING_UNIT = ("_blocks.1", 3)
-
-
-@pytest.fixture(scope="module")
-def real_atlas(ray_cluster, sample_dir, tmp_path_factory):
-    """A real small build (efficientnet_lite0, 2 layers x 6 units, 12 real ImageNet images plus a
-    copy named like markup), then one unit's PNG deleted and the viewer republished."""
-    from atlas_viewer.publish import publish
-    from cluster.build import run_build
-    from cluster.config import BuildConfig
-    from storage.store import LocalStore
-
-    base = tmp_path_factory.mktemp("real")
-    ds = base / "dataset"
-    ds.mkdir()
-    files = sorted(sample_dir.glob("*/*.JPEG"))[::67][:12]
-    for f in files:
-        shutil.copy(f, ds / f.name)
-    shutil.copy(files[0], ds / XSS_FILE)
-    out = base / "atlas"
-    t0 = time.perf_counter()
-    summary = run_build(BuildConfig(model="efficientnet_lite0", layers=",".join(REAL_LAYERS), units="0:6",
-                                    presets="yosinski-3", steps=5, size=32, dataset=str(ds), k=3, out=str(out),
-                                    progress=False, actors=1))
-    assert summary["status"] == "complete", summary["failed_shards"]
-    store = LocalStore(out)
-    store.delete(layout.unit_key(*MISSING_UNIT, "yosinski-3.png"))
-    publish(store)
-    s = serve(store)
-    yield {"root": out, "store": store, "server": s, "build_s": time.perf_counter() - t0}
-    s.stop()
 
 
 def test_real_atlas_pages(page, real_atlas):

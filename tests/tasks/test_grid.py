@@ -214,11 +214,57 @@ def test_cli_errors(cli, sample_dir, tmp_path, capsys):
     err = _one_line_error(cli, ["activations", "--model", "efficientnet_lite0", str(empty),
                                 "--layer", "_conv_stem"], capsys)
     assert "no image" in err
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        video = tmp_path / "clip.mp4"
-        video.write_bytes(b"\x00" * 64)
-        err = _one_line_error(cli, ["activations", "--model", "efficientnet_lite0", str(video),
-                                    "--layer", "_conv_stem", "-o", str(tmp_path / "o")], capsys)
-        assert "pip install av" in err
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00" * 64)   # named like a video, holds nothing decodable
+    err = _one_line_error(cli, ["activations", "--model", "efficientnet_lite0", str(video),
+                                "--layer", "_conv_stem", "-o", str(tmp_path / "o")], capsys)
+    assert "cannot decode video" in err and "clip.mp4" in err
+
+
+def _write_video(path, frames, codec="png", pix_fmt="rgb24", fps=5, bit_rate=None):
+    import av
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        if bit_rate:
+            s.bit_rate = bit_rate
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+def test_cli_video_frames(cli, sample_dir, tmp_path, capsys, lite0):
+    """A lossless video (PNG in .mov) of three real photos: one PNG per frame, each exactly the grid of
+    its photo; a lossy MPEG-4 .mp4 decodes to as many frames with grids close to the photos'."""
+    from tasks.preprocess import crop_input, preprocess
+    photos = []
+    for f in _images(sample_dir, 3):
+        with Image.open(f) as im:
+            photos.append(np.asarray(crop_input(im, lite0.preprocessing)))
+    clip = tmp_path / "clip.mov"
+    _write_video(clip, photos)
+    out = tmp_path / "frames"
+    assert cli(["activations", "--model", "efficientnet_lite0", str(clip), "--layer", "_blocks.3",
+                "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"clip-{i:05d}.png" for i in range(3)]
+    assert capsys.readouterr().out.count("from ") == 3
+    grids = []
+    for i, photo in enumerate(photos):
+        want = tile_grid(layer_activations(lite0.module, "_blocks.3",
+                                           preprocess(Image.fromarray(photo), lite0.preprocessing)))
+        grids.append(want)
+        with Image.open(out / f"clip-{i:05d}.png") as im:
+            assert (np.asarray(im) == want).all(), i
+    lossy = tmp_path / "lossy.mp4"
+    _write_video(lossy, photos, codec="mpeg4", pix_fmt="yuv420p", bit_rate=8_000_000)
+    out2 = tmp_path / "lossy"
+    assert cli(["activations", "--model", "efficientnet_lite0", str(lossy), "--layer", "_blocks.3",
+                "-o", str(out2)]) == 0
+    got = [np.asarray(Image.open(out2 / f"lossy-{i:05d}.png"), dtype=np.float64) for i in range(3)]
+    assert len(list(out2.iterdir())) == 3
+    for i, g in enumerate(got):   # each decoded frame is closest to its own photo
+        corr = [np.corrcoef(g.ravel(), w.ravel())[0, 1] for w in grids]
+        assert int(np.argmax(corr)) == i and corr[i] > 0.9, corr

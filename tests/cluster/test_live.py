@@ -1,0 +1,251 @@
+"""`deepvis live`'s server over real HTTP: frames, gradients, atlas entries, bad input, dropped
+clients and 'latest frame wins'."""
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage import layout
+from storage.store import LocalStore
+
+LAYER = "_blocks.3"
+
+
+def _jpeg(arr, quality=95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def coffee_jpeg():
+    from skimage import data
+    return _jpeg(data.coffee())
+
+
+def _tiny_atlas(root, presets=("yosinski-3",)):
+    """An atlas of efficientnet_lite0 written as DESIGN.md lays it out: units 0..2 of _blocks.3."""
+    store = LocalStore(root)
+    rng = np.random.default_rng(1)
+    cols = {f.name: [] for f in layout.TOPK_SCHEMA}
+    for u in range(3):
+        for p in presets:
+            store.put(layout.unit_key(LAYER, u, f"{p}.png"), _png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)))
+        for kind in ("top", "bottom"):
+            for r in range(2):
+                store.put(layout.unit_key(LAYER, u, layout.crop_name(kind, r)), _jpeg(np.full((8, 8, 3), 40 * r, np.uint8)))
+                for c, v in (("layer", LAYER), ("unit", u), ("kind", kind), ("rank", r), ("activation", 9.0 - r),
+                             ("image", f"n01/<b>{u}-{r}</b>.JPEG"), ("y", 0), ("x", 0), ("x0", 0), ("y0", 0),
+                             ("x1", 10), ("y1", 10)):
+                    cols[c].append(v)
+    layout.write_topk(store, cols)
+    layout.put_json(store, layout.MANIFEST, {
+        "schema_version": layout.SCHEMA_VERSION, "status": "complete",
+        "model": {"name": "efficientnet_lite0", "source": "package", "weights": "default"},
+        "layers": [{"name": LAYER, "units": 40, "shape": [40, 28, 28], "selected": [0, 1, 2]}],
+        "presets": [{"name": p} for p in presets], "k": 2})
+    return store
+
+
+def _png(arr) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Client:
+    def __init__(self, server):
+        self.host, self.port = server.server_address[:2]
+
+    def request(self, method, path, body=None, headers=None, conn=None):
+        c = conn or http.client.HTTPConnection(self.host, self.port, timeout=60)
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        data = r.read()
+        if conn is None:
+            c.close()
+        return r.status, r.getheader("Content-Type"), data
+
+    def json(self, method, path, body=None, **kw):
+        status, ctype, data = self.request(method, path, body, **kw)
+        assert ctype == "application/json", (status, ctype, data[:200])
+        return status, json.loads(data)
+
+
+@pytest.fixture(scope="module")
+def served(lite0, tmp_path_factory):
+    from cluster.cmd_live import make_server
+    store = _tiny_atlas(tmp_path_factory.mktemp("live") / "atlas")
+    server = make_server(lite0, "127.0.0.1", 0, atlas_store=store, max_bytes=5_000_000)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield server, Client(server)
+    server.shutdown()
+    server.server_close()
+
+
+def _decode_data_url(url: str) -> np.ndarray:
+    assert url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+
+def test_model_and_page(served, lite0):
+    from tasks.layers import enumerate_layers
+    server, cl = served
+    status, m = cl.json("GET", "/api/model")
+    assert status == 200
+    assert [l["name"] for l in m["layers"]] == [l.name for l in enumerate_layers(lite0.module, 224)]
+    assert m["default_layer"] in {l["name"] for l in m["layers"]}
+    assert m["atlas"]["matches"] and m["atlas"]["layers"] == {LAYER: 3}
+    status, ctype, page = cl.request("GET", "/")
+    assert status == 200 and ctype.startswith("text/html") and b"/live/live.js" in page
+    for f in ("live.js", "live.css"):
+        assert cl.request("GET", f"/live/{f}")[0] == 200
+    assert cl.request("GET", "/live/../cmd_live.py")[0] == 404
+    assert cl.request("GET", "/nothing")[0] == 404
+
+
+def test_frame_equals_direct_computation(served, lite0, coffee_jpeg):
+    from tasks.grid import layer_activations, tile_grid
+    from tasks.preprocess import preprocess
+    _, cl = served
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}&unit=4&client=t", coffee_jpeg)
+    assert status == 200
+    acts = layer_activations(lite0.module, LAYER, preprocess(Image.open(io.BytesIO(coffee_jpeg)), lite0.preprocessing))
+    assert (_decode_data_url(d["grid"]) == tile_grid(acts)).all()
+    assert d["shape"] == [40, 28, 28] and (d["rows"], d["cols"], d["tile"], d["sep"]) == (6, 7, [28, 28], 1)
+    assert d["top5"][0]["label"] == "espresso" and len(d["top5"]) == 5
+    assert d["unit"] == 4 and d["unit_max"] == pytest.approx(float(acts[4].max()), abs=1e-5)
+    assert _decode_data_url(d["unit_map"]).shape == (28, 28)
+    status, ctype, png = cl.request("POST", f"/api/gradient?layer={LAYER}&unit=4", coffee_jpeg)
+    assert status == 200 and ctype == "image/png"
+    g = np.asarray(Image.open(io.BytesIO(png)))
+    assert g.shape == (224, 224, 3) and g.min() < 128 < g.max()
+
+
+def test_atlas_entry_and_objects(served):
+    _, cl = served
+    status, e = cl.json("GET", f"/api/unit?layer={LAYER}&unit=1")
+    assert status == 200 and e["in_atlas"]
+    assert [p["name"] for p in e["presets"]] == ["yosinski-3"]
+    assert [t["rank"] for t in e["top"]] == [0, 1] and e["top"][0]["image"] == "n01/<b>1-0</b>.JPEG"
+    for url in [e["presets"][0]["url"]] + [t["url"] for t in e["top"] + e["bottom"]]:
+        status, ctype, data = cl.request("GET", url)
+        assert status == 200 and ctype.startswith("image/") and data
+    status, e = cl.json("GET", f"/api/unit?layer={LAYER}&unit=7")       # a unit the atlas lacks
+    assert status == 200 and not e["in_atlas"] and "not in the atlas" in e["reason"]
+    assert cl.request("GET", "/atlas/manifest.json")[0] == 404                  # only units/ and viewer/
+    assert cl.request("GET", "/atlas/units/../manifest.json")[0] == 400
+    assert cl.request("GET", f"/atlas/units/{LAYER}/9/yosinski-3.png")[0] == 404
+
+
+def test_atlas_of_another_model_is_not_joined(lite0, tmp_path):
+    from cluster.cmd_live import AtlasLink
+    store = _tiny_atlas(tmp_path / "a")
+    link = AtlasLink(store, "torchvision:resnet18", "default")
+    assert not link.matches and "efficientnet_lite0" in link.reason
+    assert link.entry(LAYER, 0)["in_atlas"] is False
+
+
+def test_bad_input_clear_errors_and_server_keeps_serving(served, coffee_jpeg):
+    _, cl = served
+    conn = http.client.HTTPConnection(*served[0].server_address[:2], timeout=60)
+    big = b"\xff\xd8" + bytes(50_000_000)                                      # 50 MB
+    status, ctype, data = cl.request("POST", f"/api/frame?layer={LAYER}", big, conn=conn)
+    err = json.loads(data)["error"]
+    assert status == 413 and "50.0 MB" in err and "limit is 5 MB" in err and "--max-upload-mb" in err
+    # the same connection still works (the body was read and dropped)
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", coffee_jpeg, conn=conn)
+    assert status == 200 and d["top5"][0]["label"] == "espresso"
+    conn.close()
+
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", b"GIF89a but not really an image")
+    assert status == 415 and "not an image" in d["error"]
+    status, d = cl.json("POST", "/api/frame?layer=nope", coffee_jpeg)
+    assert status == 404 and "unknown layer 'nope'" in d["error"]
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}&unit=40", coffee_jpeg)
+    assert status == 400 and "out of range" in d["error"]
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}&unit=x", coffee_jpeg)
+    assert status == 400 and "integer" in d["error"]
+    status, d = cl.json("POST", f"/api/gradient?layer={LAYER}", coffee_jpeg)
+    assert status == 400 and "unit" in d["error"]
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", b"")
+    assert status == 400 and "empty" in d["error"]
+    status, d = cl.json("POST", "/api/elsewhere", b"x")
+    assert status == 404
+    # a frame with no Content-Length
+    s = socket.create_connection(served[0].server_address[:2])
+    s.sendall(b"POST /api/frame HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert s.recv(200).startswith(b"HTTP/1.1 411")
+    s.close()
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", coffee_jpeg)
+    assert status == 200
+
+
+def test_client_disconnecting_mid_frame(served, coffee_jpeg):
+    server, cl = served
+    for _ in range(3):
+        s = socket.create_connection(server.server_address[:2])
+        s.sendall(f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(coffee_jpeg)}\r\n\r\n"
+                  .encode() + coffee_jpeg[: len(coffee_jpeg) // 3])
+        s.close()
+    # and one that leaves while its answer is being computed
+    s = socket.create_connection(server.server_address[:2])
+    s.sendall(f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(coffee_jpeg)}\r\n\r\n"
+              .encode() + coffee_jpeg)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
+    time.sleep(0.5)
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", coffee_jpeg)
+    assert status == 200 and d["top5"][0]["label"] == "espresso"
+
+
+def test_latest_frame_wins(served, coffee_jpeg):
+    """While the model is busy, a client's older waiting frame is dropped (409) once a newer one
+    arrives; other clients are not affected."""
+    server, cl = served
+    live = server.RequestHandlerClass.live
+    results = {}
+
+    def post(name, client):
+        results[name] = cl.json("POST", f"/api/frame?layer={LAYER}&client={client}", coffee_jpeg)
+
+    def wait_for_ticket(n):
+        deadline = time.time() + 30
+        while live.gate._n < n:
+            assert time.time() < deadline
+            time.sleep(0.01)
+
+    with live.lock:                       # the model is busy
+        n0 = live.gate._n
+        threads = []
+        for i, (name, client) in enumerate([("old", "a"), ("new", "a"), ("other", "b")]):
+            t = threading.Thread(target=post, args=(name, client))
+            t.start()
+            threads.append(t)
+            wait_for_ticket(n0 + i + 1)
+    for t in threads:
+        t.join(60)
+    assert results["old"][0] == 409 and "newer frame" in results["old"][1]["error"]
+    assert results["new"][0] == 200 and results["other"][0] == 200
+
+
+def test_cli_errors(capsys, tmp_path):
+    from cluster.cli import main
+    assert main(["live", "--model", "efficientnet_lite0", "--layer", "nope", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepvis live: error: ") and "'nope'" in err and "\n" not in err
+    assert main(["live", "--model", "efficientnet_lite0", "--atlas", str(tmp_path / "none"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no atlas" in err and "\n" not in err
+    assert main(["live", "--model", "efficientnet_lite0", "--max-upload-mb", "0"]) == 2
+    assert "--max-upload-mb" in capsys.readouterr().err
