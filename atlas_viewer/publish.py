@@ -229,7 +229,7 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
         "version": version, "name": name, "kind": l.get("kind"), "shape": l.get("shape"),
         "units_total": l.get("units"), "units": units, "presets": presets,
         "tile": tile, "per_sheet": per_sheet, "cols": int(math.ceil(math.sqrt(per_sheet))),
-        "views": [], "sheets": {}, "image": {}, "opt": {}, "dead": {}, "history": {},
+        "views": [], "sheets": {}, "image": {}, "opt": {}, "dead": {}, "history": {}, "quality": {},
         "failed_opt": sorted(failed.get(("opt", name), ())),
         "failed_crop": sorted(failed.get(("crop", name), ())),
         "labels": [labels[u] if 0 <= u < len(labels) else None for u in units] if is_output else None,
@@ -244,6 +244,10 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
         if urows is not None:
             data["opt"][p] = [_num((urows.get(u) or {}).get(f"opt_{p}")) for u in units]
             data["dead"][p] = [(urows.get(u) or {}).get(f"dead_{p}") for u in units]
+            # tasks.quality's measures of the image (absent in atlases built before them: no key)
+            q = {k: [_num((urows.get(u) or {}).get(f"{k}_{p}")) for u in units] for k in layout.QUALITY}
+            if any(v is not None for vs in q.values() for v in vs):
+                data["quality"][p] = q
         else:
             data["opt"][p] = [None] * len(units)
             data["dead"][p] = [None] * len(units)

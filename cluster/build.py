@@ -58,18 +58,22 @@ def make_plan(cfg: BuildConfig) -> Plan:
     bad input fails here with a UserError/StoreError."""
     from tasks.layers import resolve_layers
     from tasks.models import load_model
-    from tasks.optimize import get_preset, load_presets, PRESETS
+    from tasks.optimize import all_presets, get_preset, load_presets
 
     lm = load_model(cfg.model, cfg.weights)
     infos = resolve_layers(lm.module, lm.input_size, cfg.layers)
     layers = [{**i.to_dict(), "selected": parse_units(cfg.units, i.units, i.name)} for i in infos]
     extra = load_presets(cfg.presets_file) if cfg.presets_file else {}
+    builtin = all_presets()
     names = [] if cfg.presets.strip() == "none" else (
-        list(PRESETS) + [n for n in extra if n not in PRESETS] if cfg.presets.strip() == "all"
+        list(builtin) + [n for n in extra if n not in builtin] if cfg.presets.strip() == "all"
         else [n.strip() for n in cfg.presets.split(",") if n.strip()])
     presets = [(extra[n] if n in extra else get_preset(n)).to_dict() for n in names]
     model = {"name": lm.name, "source": lm.source, "weights": lm.weights, "input_size": lm.input_size,
              "preprocessing": lm.preprocessing}
+    if cfg.diversity_layer:
+        from tasks.hooks import get_layer
+        get_layer(lm.module, cfg.diversity_layer)      # unknown -> UserError before any work
     plan = Plan(cfg, model, layers, presets, labels=lm.labels)
     if cfg.dataset:
         from storage.datasets import list_images
@@ -95,6 +99,8 @@ def make_shards(plan: Plan, gpu: bool = False) -> None:
                 units = sel[i:i + per]
                 shard = {"type": "opt", "layer": l["name"], "units": units, "presets": names,
                          "steps": cfg.steps, "size": cfg.size}
+                if cfg.diversity > 1 and any(p.get("kind") == "modern" for p in plan.presets):
+                    shard.update(diversity=cfg.diversity, diversity_layer=cfg.diversity_layer)
                 shard["id"] = f"opt/{l['name']}/{units[0]}-{units[-1]}"
                 shard["hash"] = _hash({**base, **shard, "presets": plan.presets})
                 plan.opt_shards.append(shard)
@@ -120,6 +126,9 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    if address in (None, "") and os.environ.get("RAY_ADDRESS"):
+        # inside a Ray job (`deepvis submit`), or the user's RAY_ADDRESS: join that cluster, as Ray does
+        address = os.environ["RAY_ADDRESS"]
     if address not in (None, "", "local", "auto"):
         hostport = address.split("://", 1)[-1].rstrip("/")
         host, _, port = hostport.rpartition(":")
@@ -141,17 +150,24 @@ def connect(address: str | None) -> bool:
 
 
 def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
-    """(number of actors, ray options, torch threads). One actor per GPU; else one per CPU core with
-    one torch thread each, so CPU results do not depend on the pool size."""
+    """(number of actors, ray options, torch threads). One actor per GPU of the whole cluster, holding
+    its node's CPUs per GPU (they decode images while the GPU computes); else one per CPU core with
+    one torch thread each, so CPU results do not depend on the pool size. `--device cuda` asks for GPU
+    actors even when no GPU node is up yet (an autoscaling cluster starts them for the pending actors).
+    Actors are spread over the nodes (SPREAD), so a node that leaves takes as few as possible with it."""
     import ray
 
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
-    if gpus and cfg.device != "cpu":
-        n = cfg.actors or gpus
-        return n, {"num_gpus": 1, "num_cpus": min(1.0, cpus / n)}, max(1, int(cpus // n))
+    spread = {"scheduling_strategy": "SPREAD"}
+    if (gpus and cfg.device != "cpu") or cfg.device == "cuda":
+        n = cfg.actors or max(1, gpus)
+        per_node = [r.get("CPU", 0) / r["GPU"] for r in
+                    (node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")) if r.get("GPU")]
+        per = max(1, int(min(per_node))) if per_node else 1   # the smallest GPU node must fit an actor
+        return n, {"num_gpus": 1, "num_cpus": per, **spread}, per
     n = cfg.actors or max(1, int(cpus))
-    return n, {"num_cpus": min(1.0, cpus / n)}, 1
+    return n, {"num_cpus": min(1.0, cpus / n), **spread}, 1
 
 
 # ---------------------------------------------------------------- the build
@@ -228,6 +244,7 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
         store.put(layout.UNITS, layout.table_bytes(layout.units_table(unit_rows, [p["name"] for p in plan.presets])))
         summary = _summary(plan, done, failed, skipped, len(todo), started, store)
         summary["actors"] = actors_info
+        summary["actors_lost"] = pool[0].restarts if pool else 0
         _write_manifest(store, plan, status=summary["status"], started=started, summary=summary)
         _publish_viewer(store)
         return summary
@@ -309,8 +326,10 @@ def _unit_rows(plan: Plan, done: dict, stats: dict) -> list[dict]:
     for s in plan.opt_shards:
         summary = done.get(s["id"])
         for r in (summary or {}).get("rows", []):
+            p = r["preset"]
             opt.setdefault((s["layer"], r["unit"]), {}).update(
-                {f"opt_{r['preset']}": r["activation"], f"dead_{r['preset']}": r["dead"]})
+                {f"opt_{p}": r["activation"], f"dead_{p}": r["dead"],
+                 **{f"{q}_{p}": r[q] for q in ("act", "hf", "robust") if r.get(q) is not None}})
     rows = []
     for l in plan.layers:
         st = stats.get(l["name"])
@@ -319,6 +338,10 @@ def _unit_rows(plan: Plan, done: dict, stats: dict) -> list[dict]:
             if st is not None:
                 row.update(mean=float(st["mean"][u]), std=float(st["std"][u]), max=float(st["max"][u]),
                            frac_positive=float(st["frac_positive"][u]), count=int(st["count"]))
+                for p in plan.presets:   # activation reached / the strongest dataset image's
+                    act, top = row.get(f"act_{p['name']}"), row["max"]
+                    if act is not None and top > 0:
+                        row[f"ratio_{p['name']}"] = act / top
             rows.append(row)
     return rows
 
@@ -363,7 +386,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
         "layers": [{"name": l["name"], "kind": l["kind"], "shape": l["shape"], "units": l["units"],
                     "selected": l["selected"]} for l in plan.layers],
         "presets": plan.presets,
-        "optimization": {"steps": cfg.steps, "size": cfg.size},
+        "optimization": {"steps": cfg.steps, "size": cfg.size, "diversity": cfg.diversity},
         "k": cfg.k,
         "dataset": None if not cfg.dataset else {
             "uri": _dataset_uri(cfg.dataset),
@@ -376,7 +399,8 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if summary else None,
                   "seconds": (summary or {}).get("seconds"), "versions": _versions(),
                   "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress",)},
-                  "actors": (summary or {}).get("actors", [])},
+                  "actors": (summary or {}).get("actors", []),
+                  "actors_lost": (summary or {}).get("actors_lost", 0)},
         "failed_shards": (summary or {}).get("failed_shards", []),
     }
     layout.put_json(store, layout.MANIFEST, m)

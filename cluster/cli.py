@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # subcommand -> module; order = order in `deepvis --help`
-COMMANDS = ["demo", "build", "submit", "status", "query", "serve", "live", "optimize", "activations", "layers"]
+COMMANDS = ["demo", "build", "submit", "status", "query", "compare", "serve", "live", "optimize", "tune", "activations", "layers"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -11,7 +11,9 @@ HELP = {
     "weights": "'none' for random init or a local state_dict path (default: the model's trained weights)",
     "layers": "comma-separated layer names or globs, e.g. '_blocks.*,_fc' (default: every layer; see `deepvis layers`)",
     "units": "units of each selected layer: a range like 0:64 or a list like 1,5,9 (default: all)",
-    "presets": "comma-separated optimization presets (yosinski-1..4), 'all', or 'none' to skip the optimization pass (default: yosinski-3)",
+    "presets": "comma-separated optimization presets: the paper's yosinski-1..4, lucid (Fourier + decorrelated colour + transforms), maco (phase-only, natural magnitude, with a transparency map); 'all', or 'none' to skip the optimization pass (default: yosinski-3)",
+    "diversity": "N images per unit for the modern presets (lucid, maco), made to differ (Gram-matrix diversity); stored as <preset>.png, <preset>.1.png, ... (default: 1)",
+    "diversity_layer": "layer whose Gram matrices the diversity term compares (default: the unit's layer)",
     "presets_file": "TOML/JSON file defining extra presets",
     "steps": "override the presets' optimization steps (e.g. 50 for a quick CPU look)",
     "size": "override the optimization image size in pixels (e.g. 64 on a CPU)",
@@ -40,7 +42,7 @@ def add_parser(sub):
         if key == "progress":
             continue
         typ = int if key in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size",
-                             "max_attempts") else str
+                             "max_attempts", "diversity") else str
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None, help=HELP[key])
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars (e.g. in CI logs)")
@@ -60,6 +62,8 @@ def print_summary(s: dict, out=sys.stdout) -> None:
           f"{s['shards_computed']} shards computed, {s['shards_skipped']} skipped (already finished)", file=out)
     if s["images"]:
         print(f"  dataset: {s['images_seen']} images searched, {s['images_skipped']} skipped as unreadable", file=out)
+    if s.get("actors_lost"):
+        print(f"  {s['actors_lost']} actor(s) lost (process or node); their shards were redone", file=out)
     for f in s["failed_shards"]:
         print(f"  FAILED shard {f['id']}: {f['error']}", file=out)
     print(f"  time: {s['seconds']:.1f} s", file=out)

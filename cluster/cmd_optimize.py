@@ -24,7 +24,8 @@ def add_parser(sub):
     p.add_argument("--layer", required=True, help="layer name (see `deepvis layers MODEL`), e.g. _fc")
     p.add_argument("--unit", required=True, type=int, help="channel / class index in the layer")
     p.add_argument("--preset", default="yosinski-3",
-                   help="preset name, comma-separated names, or 'all' (default: yosinski-3)")
+                   help="preset name (yosinski-1..4, lucid, maco), comma-separated names, or 'all' "
+                        "(default: yosinski-3)")
     p.add_argument("--presets-file", default=None, metavar="FILE",
                    help="TOML or JSON file with extra presets: a table per preset with the fields "
                         "decay, blur_width, blur_every, norm_pct, contrib_pct, steps, lr, lr_policy "
@@ -61,10 +62,12 @@ def run(args) -> int:
     import torch
 
     from tasks.models import load_model
-    from tasks.optimize import PRESETS, display_image, load_presets, optimize_units
+    from tasks.modern import is_modern
+    from tasks.optimize import all_presets, display_image, load_presets, optimize_units
     from tasks.preprocess import to_pil
+    from tasks.quality import measure
 
-    known = dict(PRESETS)
+    known = dict(all_presets())
     if args.presets_file:
         known.update(load_presets(args.presets_file))
     presets = _select_presets(args.preset, known)
@@ -90,14 +93,20 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     label = _label(lm, args.layer, args.unit)
     entries = []
-    for p, r in zip(presets, results):
+    quality = measure(lm.module, lm.preprocessing, args.layer, results, lm.name, device)
+    for p, r, q in zip(presets, results, quality):
         png = f"{_safe(r.preset)}.png"
-        to_pil(display_image(r.image, lm.preprocessing) if args.stretch else r.image).save(out / png)
+        stretch = args.stretch and not is_modern(p)     # modern images are natural-looking already
+        img = to_pil(display_image(r.image, lm.preprocessing) if stretch else r.image)
+        if r.alpha is not None:                          # MaCo's transparency map as alpha
+            img.putalpha(to_pil(r.alpha.expand(3, -1, -1)).convert("L"))
+        img.save(out / png)
         entries.append({**p.to_dict(), "steps": r.steps, "image": png, "activation": r.activation,
-                        "dead": r.dead, "seed": r.seed,
+                        "dead": r.dead, "seed": r.seed, "quality": q,
                         "history": [{"step": s, "activation": a} for s, a in zip(r.history_steps, r.history)]})
         state = "dead (zero gradient)" if r.dead else f"activation {r.activation:.4g}"
-        print(f"{r.preset}: {state} after {r.steps} steps at {r.size} px -> {out / png}")
+        print(f"{r.preset}: {state} after {r.steps} steps at {r.size} px (hf {q['hf']:.2f}x natural, "
+              f"robust {q['robust']:.2f}) -> {out / png}")
     doc = {"model": args.model, "weights": lm.weights, "layer": args.layer, "unit": args.unit,
            "label": label, "steps": args.steps, "size": results[0].size, "device": str(device),
            "png": "stretched" if args.stretch else "raw", "presets": entries}

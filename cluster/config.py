@@ -17,6 +17,8 @@ class BuildConfig:
     units: str | None = None            # "a:b" slice of every selected layer (None: all units)
     presets: str = "yosinski-3"         # comma-separated preset names, "all", or "none"
     presets_file: str | None = None     # extra presets (TOML/JSON)
+    diversity: int = 1                  # images per (unit, modern preset), pushed apart (Lucid's diversity)
+    diversity_layer: str | None = None  # the layer whose Gram matrices are compared (default: the unit's)
     steps: int | None = None            # override the presets' step counts
     size: int | None = None             # override the optimization image size
     dataset: str | None = None          # image folder / list file; None: no dataset pass
@@ -67,7 +69,8 @@ class BuildConfig:
                 raise UserError(f"{f.name} must be an integer, got {v!r}")
             if want.startswith("str") and not isinstance(v, str):
                 raise UserError(f"{f.name} must be a string, got {v!r}")
-        for name in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size", "max_attempts"):
+        for name in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size", "max_attempts",
+                     "diversity"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be at least 1, got {v}")

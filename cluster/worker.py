@@ -25,14 +25,19 @@ class ShardWorker:
         self.presets_file = presets_file
         self.endpoint_url = endpoint_url  # for an s3:// dataset (the store carries its own)
         self._images: dict[str, object] = {}  # decoded crop inputs, reused across a crop shard
+        # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): they decode
+        # images while the GPU computes; a CPU actor's one core keeps 2 decoders busy enough
+        self.decoders = max(2, threads or 1) if str(self.device).startswith("cuda") else 2
 
     def pid(self) -> int:
         return os.getpid()
 
     def info(self) -> dict:
         import torch
+        import ray
         name = torch.cuda.get_device_name(0) if self.device.startswith("cuda") else "cpu"
-        return {"pid": os.getpid(), "device": self.device, "device_name": name}
+        return {"pid": os.getpid(), "device": self.device, "device_name": name,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def run(self, shard: dict) -> dict:
         kind = shard["type"]
@@ -43,23 +48,37 @@ class ShardWorker:
 
     # ---------------------------------------------------------------- optimization pass
     def _optimize(self, shard: dict) -> dict:
+        from tasks.modern import is_modern
         from tasks.optimize import display_image, get_preset, load_presets, optimize_units
         from tasks.preprocess import to_pil
+        from tasks.quality import measure
 
         extra = load_presets(self.presets_file) if self.presets_file else {}
         presets = [extra[n] if n in extra else get_preset(n) for n in shard["presets"]]
+        modern = {p.name for p in presets if is_modern(p)}
         results = optimize_units(self.lm.module, self.lm.preprocessing, shard["layer"], shard["units"], presets,
                                  model_name=self.lm.name, steps=shard["steps"], size=shard["size"],
-                                 device=self.device)
+                                 device=self.device, diversity=shard.get("diversity", 1),
+                                 diversity_layer=shard.get("diversity_layer"))
+        firsts = [r for r in results if r.index == 0]
+        quality = measure(self.lm.module, self.lm.preprocessing, shard["layer"], firsts, self.lm.name, self.device)
         rows = []
         for r in results:
+            if r.preset in modern:
+                img = to_pil(r.image)       # already a natural-looking image in [0, 1]
+                if r.alpha is not None:     # MaCo's transparency: the unit's attribution as alpha
+                    img.putalpha(to_pil(r.alpha.expand(3, -1, -1)).convert("L"))
+            else:
+                # saved contrast-stretched around the mean, as the paper's toolbox did (the raw optimum
+                # is nearly flat grey); the recorded activation belongs to the unstretched image
+                img = to_pil(display_image(r.image, self.lm.preprocessing))
             buf = io.BytesIO()
-            # saved contrast-stretched around the mean, as the paper's toolbox did (the raw optimum is
-            # nearly flat grey); the recorded activation belongs to the unstretched image
-            to_pil(display_image(r.image, self.lm.preprocessing)).save(buf, format="PNG")
-            self.store.put(layout.unit_key(shard["layer"], r.unit, f"{r.preset}.png"), buf.getvalue())
+            img.save(buf, format="PNG")
+            self.store.put(layout.unit_key(shard["layer"], r.unit, layout.preset_image(r.preset, r.index)),
+                           buf.getvalue())
+        for r, q in zip(firsts, quality):
             rows.append({"unit": r.unit, "preset": r.preset, "activation": float(r.activation),
-                         "dead": bool(r.dead), "history": [float(h) for h in r.history]})
+                         "dead": bool(r.dead), "history": [float(h) for h in r.history], **q})
         return {"layer": shard["layer"], "rows": rows}
 
     # ---------------------------------------------------------------- dataset pass
@@ -88,7 +107,7 @@ class ShardWorker:
         bs = shard["batch_size"]
         ids = shard["images"]
         seen = 0
-        with ThreadPoolExecutor(max_workers=2) as pool:  # decoding overlaps the forward passes
+        with ThreadPoolExecutor(max_workers=self.decoders) as pool:  # decoding overlaps the forward passes
             decoded = pool.map(load, ids)
             for start in range(0, len(ids), bs):
                 batch_ids, batch = [], []

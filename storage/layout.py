@@ -34,6 +34,12 @@ def unit_key(layer: str, unit: int, name: str) -> str:
     return f"units/{layer}/{int(unit)}/{name}"
 
 
+def preset_image(preset: str, index: int = 0) -> str:
+    """'<preset>.png' for a unit's (first) optimized image; '<preset>.<i>.png' for the i-th of a
+    `--diversity n` set (i = 1 .. n-1)."""
+    return f"{preset}.png" if not index else f"{preset}.{int(index)}.png"
+
+
 def crop_name(kind: str, rank: int) -> str:
     return f"{kind}-{int(rank)}.jpg"
 
@@ -128,9 +134,15 @@ def write_topk(store: Store, rows: dict[str, list]) -> None:
     store.put(TOPK, table_bytes(topk_table(rows), TOPK_ROW_GROUP))
 
 
+QUALITY = ("act", "ratio", "hf", "robust")   # per preset: tasks.quality's measures of its image
+
+
 def units_table(rows: list[dict], presets: list[str]) -> pa.Table:
     """One row per (layer, unit): dataset stats (NaN without a dataset pass), and per preset the
-    activation reached (opt_<preset>) and whether its gradient was zero (dead_<preset>)."""
+    activation reached (opt_<preset>, the optimizer's own objective), whether its gradient was zero
+    (dead_<preset>), and the image's quality (tasks.quality): act_<preset> (DESIGN.md's activation),
+    ratio_<preset> (act / the dataset's max; NaN without a dataset pass), hf_<preset> (high-frequency
+    energy relative to natural photos), robust_<preset> (activation kept under jitter/scale/rotation)."""
     cols: dict[str, pa.Array] = {
         "layer": pa.array([r["layer"] for r in rows], pa.string()),
         "unit": pa.array([r["unit"] for r in rows], pa.int32()),
@@ -141,6 +153,8 @@ def units_table(rows: list[dict], presets: list[str]) -> pa.Table:
     for p in presets:
         cols[f"opt_{p}"] = pa.array([r.get(f"opt_{p}", float("nan")) for r in rows], pa.float32())
         cols[f"dead_{p}"] = pa.array([r.get(f"dead_{p}") for r in rows], pa.bool_())
+        for q in QUALITY:
+            cols[f"{q}_{p}"] = pa.array([r.get(f"{q}_{p}", float("nan")) for r in rows], pa.float32())
     cols["dead"] = pa.array([any(bool(r.get(f"dead_{p}")) for p in presets) for r in rows], pa.bool_())
     return pa.table(cols)
 

@@ -112,9 +112,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
-def get_preset(name: str, presets: dict[str, Preset] | None = None) -> Preset:
-    """The preset called `name` (from `presets`, default the built-in PRESETS)."""
-    known = PRESETS if presets is None else presets
+def all_presets() -> dict:
+    """The built-in presets: the paper's four (Preset) and the modern ones (tasks.modern.ModernPreset)."""
+    from tasks.modern import MODERN_PRESETS
+    return {**PRESETS, **MODERN_PRESETS}
+
+
+def get_preset(name: str, presets: dict | None = None):
+    """The preset called `name` (from `presets`, default every built-in preset)."""
+    known = all_presets() if presets is None else presets
     try:
         return known[name]
     except KeyError:
@@ -174,7 +180,11 @@ def load_presets(path: str | Path) -> dict[str, Preset]:
         except (TypeError, ValueError) as e:
             raise UserError(f"preset {name!r} in {str(path)!r}: bad value ({e})") from None
         if base is not None:
-            out[name] = replace(get_preset(str(base), {**PRESETS, **out}), name=str(name), **vals)
+            base_p = get_preset(str(base), {**all_presets(), **out})
+            if not isinstance(base_p, Preset):
+                raise UserError(f"preset {name!r} in {str(path)!r}: base {base!r} is not one of the paper's "
+                                f"presets; tables tune the paper's regularizers")
+            out[name] = replace(base_p, name=str(name), **vals)
         else:
             out[name] = Preset(name=str(name), **vals)
     return out
@@ -343,6 +353,8 @@ class UnitResult:
     size: int
     seed: int = 0                # the start-noise seed (unit_seed)
     history_steps: list[int] = field(default_factory=list)   # the steps `history` was taken at
+    alpha: torch.Tensor | None = None   # (S, S) in [0, 1]: transparency (MaCo's attribution map)
+    index: int = 0                      # which of the `diversity` images of (unit, preset)
 
 
 def history_steps(steps: int) -> list[int]:
@@ -360,8 +372,31 @@ def objective(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
 
 
 def optimize_units(model: nn.Module, preprocessing: dict, layer: str, units: list[int],
-                   presets: list[Preset], *, model_name: str, steps: int | None = None,
-                   size: int | None = None, device="cpu", progress: bool = False) -> list[UnitResult]:
+                   presets: list, *, model_name: str, steps: int | None = None,
+                   size: int | None = None, device="cpu", progress: bool = False,
+                   diversity: int = 1, diversity_layer: str | None = None) -> list[UnitResult]:
+    """Every preset, the paper's (Preset: the loop below) and the modern ones (tasks.modern), for
+    `units`; results unit-major, then in the order of `presets`, then by diversity index. diversity=n
+    gives n images per (unit, modern preset); the paper's presets always give one."""
+    from tasks.modern import is_modern, optimize_modern
+
+    paper = [p for p in presets if not is_modern(p)]
+    modern = [p for p in presets if is_modern(p)]
+    got: dict = {}
+    if paper:
+        for r in _optimize_paper(model, preprocessing, layer, units, paper, model_name=model_name, steps=steps,
+                                 size=size, device=device, progress=progress):
+            got.setdefault((r.unit, r.preset), []).append(r)
+    if modern:
+        for r in optimize_modern(model, preprocessing, layer, units, modern, model_name=model_name, steps=steps,
+                                 size=size, device=device, diversity=diversity, diversity_layer=diversity_layer):
+            got.setdefault((r.unit, r.preset), []).append(r)
+    return [r for u in units for p in presets for r in got.get((int(u), p.name), [])]
+
+
+def _optimize_paper(model: nn.Module, preprocessing: dict, layer: str, units: list[int],
+                    presets: list[Preset], *, model_name: str, steps: int | None = None,
+                    size: int | None = None, device="cpu", progress: bool = False) -> list[UnitResult]:
     """Optimize one image per (unit, preset) pair, all in one batch; results unit-major, then preset.
 
     steps/size override every preset's step count and the model's input size (CPU-scale runs, e.g.

@@ -449,8 +449,21 @@ async function renderUnit(v, route) {
       : el("a", { href: unitImageURL(d.name, u, `${p}.png`), title: "full size" },
         imgOrMissing({ src: unitImageURL(d.name, u, `${p}.png`), alt: `${d.name}:${u} optimized (${p})` }, "image missing"));
     const h = d.history[p] && d.history[p][i];
+    const q = d.quality && d.quality[p];
+    // the other images of a `--diversity n` build (modern presets): <preset>.1.png ... <preset>.<n-1>.png
+    const extra = [];
+    if (!why && modernPresets().has(p)) {
+      for (let k = 1; k < diversity(); k++) {
+        const src = unitImageURL(d.name, u, `${p}.${k}.png`);
+        extra.push(el("a", { href: src, title: `${p}, diverse image ${k + 1}` },
+          imgOrMissing({ src, alt: `${d.name}:${u} optimized (${p}, ${k + 1})`, class: "diverse" }, "missing")));
+      }
+    }
     return el("figure", { "data-preset": p }, media,
+      extra.length ? el("div", { class: "diverse-row" }, extra) : null,
       el("figcaption", {}, el("b", { text: p }), " · act ", el("span", { class: "act", text: fmt(d.opt[p] ? d.opt[p][i] : null) })),
+      q ? el("div", { class: "quality", title: "ratio: activation / the top dataset activation · hf: high-frequency energy vs natural photos (1 = natural) · robust: activation kept under jitter/scale/rotation" },
+        `ratio ${fmt(q.ratio[i], 3)} · hf ${fmt(q.hf[i], 3)}× · robust ${fmt(q.robust[i], 3)}`) : null,
       h ? spark(h) : null);
   }));
   const left = [el("h2", { text: "optimized images" }),
@@ -504,6 +517,15 @@ function cropFigure(d, u, kind, rank, r) {
       el("span", { class: "id", title: id, text: id }),
       src ? el("a", { class: "src", href: src, target: "_blank", rel: "noopener noreferrer",
         text: state.datasetRoute || src !== crop ? "source image" : "crop" }) : null));
+}
+
+function modernPresets() {
+  return new Set((state.model.presets || []).filter((p) => p && p.kind === "modern").map((p) => p.name));
+}
+
+function diversity() {
+  const n = Number((state.model.optimization || {}).diversity);
+  return Number.isInteger(n) && n > 1 ? Math.min(n, 16) : 1;
 }
 
 function statsList(d, i) {

@@ -229,6 +229,48 @@ def test_optimization_only_and_dataset_only_atlases(page, tmp_path):
             srv.stop()
 
 
+def test_modern_presets_quality_and_diversity(page, tmp_path):
+    """A maco preset with --diversity 3: the unit page shows its 2 extra images and each preset's
+    quality line from index/units.parquet; the paper's preset gets no extra images."""
+    import io
+
+    from PIL import Image
+
+    from atlas_viewer.publish import publish
+    from tests.atlas_viewer.conftest import make_synthetic_atlas
+    facts = make_synthetic_atlas(tmp_path / "a", big_units=8, presets=["yosinski-3", "maco"])
+    store = facts["store"]
+    m = layout.read_manifest(store)
+    m["presets"] = [{"name": "yosinski-3", "steps": 10}, {"name": "maco", "kind": "modern", "param": "maco"}]
+    m["optimization"]["diversity"] = 3
+    layout.put_json(store, layout.MANIFEST, m)
+    rows = pq.read_table(tmp_path / "a" / layout.UNITS).to_pylist()
+    for r in rows:
+        for p in ("yosinski-3", "maco"):
+            r.update({f"act_{p}": 2.0 + r["unit"], f"ratio_{p}": 0.5 + r["unit"] / 10, f"hf_{p}": 3.25,
+                      f"robust_{p}": 0.875})
+    store.put(layout.UNITS, layout.table_bytes(layout.units_table(rows, ["yosinski-3", "maco"])))
+    buf = io.BytesIO()
+    Image.new("RGBA", (16, 16), (200, 30, 30, 128)).save(buf, format="PNG")
+    for k in (1, 2):
+        store.put(layout.unit_key(MID, 0, layout.preset_image("maco", k)), buf.getvalue())
+    publish(store)
+    srv = serve(store)
+    try:
+        page.goto(srv.url(f"#/layer/{MID}/unit/0"))
+        page.wait_for_function(f"() => document.querySelector('#unit-title')?.textContent === '{MID}:0'")
+        page.wait_for_selector('#opt figure[data-preset="maco"] .diverse-row img')
+        assert all_images_loaded(page) == []
+        srcs = page.eval_on_selector_all('#opt figure[data-preset="maco"] .diverse-row img', "els => els.map(e => e.src)")
+        assert [s.rsplit("/", 1)[1].split("?")[0] for s in srcs] == ["maco.1.png", "maco.2.png"]
+        assert page.locator('#opt figure[data-preset="yosinski-3"] .diverse-row').count() == 0
+        q = page.text_content('#opt figure[data-preset="maco"] .quality')
+        assert q == "ratio 0.500 · hf 3.25× · robust 0.875", q     # 3 significant digits
+        screenshot(page, "viewer-modern-presets.png")
+    finally:
+        srv.stop()
+
+
 def test_real_atlas_pages(page, real_atlas):
     srv, root = real_atlas["server"], real_atlas["root"]
     topk = pq.read_table(root / layout.TOPK).to_pylist()

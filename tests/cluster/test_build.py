@@ -185,3 +185,62 @@ def test_config_file_rejects_unknown_keys(tmp_path):
     p.write_text('[build]\nlayers = "_fc"\nsteps = 5\n')
     cfg = BuildConfig.from_toml(str(p), {"steps": 7})
     assert cfg.layers == "_fc" and cfg.steps == 7
+
+
+def test_actor_layout_per_node(monkeypatch):
+    """One GPU actor per GPU with the smallest GPU node's CPUs per GPU (a head with many CPUs must not
+    inflate it); `--device cuda` asks for GPU actors before any GPU node is up; CPU: one per core."""
+    import ray
+
+    from cluster.build import actor_layout
+    from cluster.config import BuildConfig
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0}},                       # head, no GPU
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 48.0, "GPU": 4.0}},
+             {"Alive": False, "Resources": {"CPU": 2.0, "GPU": 1.0}}]            # gone
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 72.0, "GPU": 5.0})
+    cfg = BuildConfig(model="efficientnet_lite0", out="x")
+    n, opts, threads = actor_layout(cfg)
+    assert (n, opts, threads) == (5, {"num_gpus": 1, "num_cpus": 8, "scheduling_strategy": "SPREAD"}, 8)
+    n, opts, _ = actor_layout(BuildConfig(model="efficientnet_lite0", out="x", device="cpu"))
+    assert n == 72 and opts == {"num_cpus": 1.0, "scheduling_strategy": "SPREAD"}
+    monkeypatch.setattr(ray, "nodes", lambda: nodes[:1])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    n, opts, _ = actor_layout(BuildConfig(model="efficientnet_lite0", out="x", device="cuda", actors=8))
+    assert n == 8 and opts["num_gpus"] == 1 and opts["num_cpus"] == 1
+    n, opts, _ = actor_layout(BuildConfig(model="efficientnet_lite0", out="x"))
+    assert n == 16 and "num_gpus" not in opts
+
+
+def test_modern_presets_diversity_and_quality_columns(ray_cluster, small_dataset, tmp_path):
+    """lucid + maco with --diversity 2 next to yosinski-3: every image (and the extra diverse ones)
+    is written, maco's PNG carries its transparency map as alpha, and index/units.parquet holds the
+    quality measures with ratio = act / the dataset max."""
+    from PIL import Image
+    out = tmp_path / "atlas"
+    summary = run_build(cfg_for(out, small_dataset, presets="yosinski-3,lucid,maco", diversity=2, units="0:2",
+                                steps=6, layers="_fc"))
+    assert summary["status"] == "complete", summary["failed_shards"]
+    for u in (0, 1):
+        d = out / "units" / "_fc" / str(u)
+        names = sorted(p.name for p in d.glob("*.png"))
+        assert names == ["lucid.1.png", "lucid.png", "maco.1.png", "maco.png", "yosinski-3.png"], names
+        with Image.open(d / "maco.png") as im:
+            assert im.mode == "RGBA" and im.getextrema()[3][1] == 255      # alpha scaled to its 99th pct
+        with Image.open(d / "lucid.png") as im:
+            assert im.mode == "RGB"
+        assert not (d / "yosinski-3.1.png").exists()                      # the paper's loop: one image
+    rows = pq.read_table(out / layout.UNITS).to_pylist()
+    assert len(rows) == 2
+    for r in rows:
+        for p in ("yosinski-3", "lucid", "maco"):
+            for q in ("act", "hf"):
+                assert r[f"{q}_{p}"] == r[f"{q}_{p}"], (p, q)             # not NaN
+            # robustness is a ratio to the image's own activation: defined where that is positive
+            assert (r[f"robust_{p}"] == r[f"robust_{p}"]) == (r[f"act_{p}"] > 0), (p, r)
+            assert r[f"ratio_{p}"] == pytest.approx(r[f"act_{p}"] / r["max"], rel=1e-5)
+    m = json.loads((out / layout.MANIFEST).read_text())
+    assert m["optimization"]["diversity"] == 2
+    assert [p.get("kind") for p in m["presets"]] == [None, "modern", "modern"]

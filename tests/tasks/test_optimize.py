@@ -467,7 +467,13 @@ def test_cuda_matches_cpu(lm):
 CLASSES = [1, 327, 417, 949, 980]   # goldfish, starfish, balloon, strawberry, volcano
 
 
+_LOGITS: dict = {}
+
+
 def _dataset_logits(lm) -> torch.Tensor:
+    """The model's logits on all 800 sample images (computed once per model per session)."""
+    if lm.name in _LOGITS:
+        return _LOGITS[lm.name]
     files = sorted(p for p in DATASET.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     assert len(files) >= 800
     out = []
@@ -478,7 +484,8 @@ def _dataset_logits(lm) -> torch.Tensor:
                 with Image.open(f) as img:
                     batch.append(preprocess(img, lm.preprocessing))
             out.append(lm.module(torch.stack(batch)))
-    return torch.cat(out)
+    _LOGITS[lm.name] = torch.cat(out)
+    return _LOGITS[lm.name]
 
 
 @pytest.mark.skipif(not DATASET.is_dir(), reason="needs the imagenet-sample dataset")
@@ -506,9 +513,16 @@ def test_cli_writes_pngs_and_json(tmp_path, capsys):
     doc = json.loads((out / "result.json").read_text())
     assert (doc["model"], doc["layer"], doc["unit"], doc["steps"], doc["size"]) == (MODEL, "_fc", 967, 12, 64)
     assert doc["label"] == "espresso"
-    assert [p["name"] for p in doc["presets"]] == list(PRESETS)
+    from tasks.optimize import all_presets
+    assert [p["name"] for p in doc["presets"]] == list(all_presets())     # the paper's four, lucid, maco
     for p in doc["presets"]:
         assert p["steps"] == 12 and p["dead"] is False
+        assert set(p["quality"]) == {"act", "hf", "robust"}
+        if p["name"] not in PRESETS:
+            assert p["kind"] == "modern"
+            with Image.open(out / p["image"]) as img:
+                assert img.size == (64, 64) and img.mode == ("RGBA" if p["name"] == "maco" else "RGB")
+            continue
         assert {k: p[k] for k in ("decay", "blur_width", "blur_every", "norm_pct", "contrib_pct", "lr",
                                   "lr_policy")} == {k: v for k, v in PRESETS[p["name"]].to_dict().items()
                                                     if k not in ("name", "steps")}

@@ -1,0 +1,87 @@
+"""How good is a visualization? Three measures, each per image (tasks only, no I/O):
+  activation ratio   activation reached / the unit's top activation over the dataset (> 1: the image
+                     drives the unit harder than any photo); activation = DESIGN.md's (max over h, w)
+  high frequency     hf_fraction(image) / the median hf_fraction of natural photos (1 = as natural
+                     images; >> 1: the high-frequency noise the paper's regularizers fight)
+  robustness         mean over random jitter/scale/rotation (tasks.transforms.ROBUSTNESS) of
+                     activation(transformed) / activation(image): does the unit still see it when moved?"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+HF_CUTOFF = 0.25      # cycles per pixel: the upper half of the frequencies (Nyquist = 0.5)
+
+
+def hf_fraction(x01: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B,): the share of the grey image's spectral energy (mean removed) at |f| > HF_CUTOFF."""
+    from tasks.param import frequencies
+
+    grey = x01.double().mean(1)
+    grey = grey - grey.mean(dim=(1, 2), keepdim=True)
+    p = torch.fft.rfft2(grey).abs() ** 2
+    p[..., 1:-1] *= 2            # rfft halves: count the mirrored columns (all but DC and Nyquist)
+    hi = frequencies(*grey.shape[-2:]).to(p.device) > HF_CUTOFF
+    total = p.sum(dim=(1, 2)).clamp(min=1e-20)
+    return (p * hi).sum(dim=(1, 2)) / total
+
+
+@functools.lru_cache(maxsize=1)
+def natural_hf_median() -> float:
+    from tasks.param import DATA
+    with np.load(DATA / "natural_spectrum.npz") as z:
+        return float(z["hf_fraction_median"])
+
+
+def unit_activation(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """DESIGN.md's activation: max over (h, w) of channel units[i] of out[i] (or the value, for N x C)."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    o = out[rows, units]
+    return o.flatten(1).amax(1) if o.dim() > 1 else o
+
+
+@torch.no_grad()
+def activations(run, layer: str, x01: torch.Tensor, units: torch.Tensor, normalize) -> torch.Tensor:
+    return unit_activation(run(normalize(x01))[layer], units)
+
+
+@torch.no_grad()
+def robustness(run, layer: str, x01: torch.Tensor, units: torch.Tensor, normalize, gens, n: int = 8,
+               base: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of activation(T(x)) / activation(x) over n random transforms (per-image generators)."""
+    from tasks.transforms import ROBUSTNESS
+
+    base = activations(run, layer, x01, units, normalize) if base is None else base
+    ratios = []
+    for _ in range(n):
+        ratios.append(activations(run, layer, ROBUSTNESS(x01, gens), units, normalize) / base)
+    r = torch.stack(ratios).mean(0)
+    return torch.where(base > 0, r, torch.full_like(r, float("nan")))
+
+
+def measure(model, preprocessing: dict, layer: str, results, model_name: str, device="cpu",
+            n: int = 8) -> list[dict]:
+    """For optimization results (tasks.optimize.UnitResult, image in [0, 1]): {"act", "hf", "robust"}
+    each: DESIGN.md's activation of the image, its high-frequency fraction relative to natural
+    photos, and its robustness. The transforms are seeded per (unit, preset, index): batch-free."""
+    from tasks.hooks import as_module, hooked
+    from tasks.optimize import unit_seed
+
+    if not results:
+        return []
+    module = as_module(model)
+    dtype = next(module.parameters()).dtype
+    mean = torch.tensor(preprocessing["mean"], dtype=dtype, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing["std"], dtype=dtype, device=device).view(1, 3, 1, 1)
+    normalize = lambda x01: (x01 - mean) / std  # noqa: E731
+    x = torch.stack([r.image for r in results]).to(dtype).to(device)
+    units = torch.tensor([r.unit for r in results], device=device)
+    gens = [torch.Generator().manual_seed(unit_seed(model_name, layer, r.unit, f"robust:{r.preset}#{r.index}"))
+            for r in results]
+    with hooked(module, [layer]) as run:
+        act = activations(run, layer, x, units, normalize)
+        rob = robustness(run, layer, x, units, normalize, gens, n=n, base=act)
+    hf = hf_fraction(x) / natural_hf_median()
+    return [{"act": float(a), "hf": float(h), "robust": float(b)} for a, h, b in zip(act.tolist(), hf.tolist(), rob.tolist())]
