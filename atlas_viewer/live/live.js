@@ -196,7 +196,16 @@ async function pump() {
     const t0 = performance.now();
     const r = await fetch(`/api/frame?${q}`, { method: "POST", body: blob, headers: { "Content-Type": blob.type || "application/octet-stream" } });
     if (r.status === 409) return;                       // superseded by a newer frame
-    if (!r.ok) { status(await errorText(r), true); return; }
+    if (!r.ok) {
+      status(await errorText(r), true);
+      if (src.kind === "image") {           // nothing on screen may pass for this image's result
+        $("top5").replaceChildren();
+        $("grid").removeAttribute("src");
+        state.lastFrame = null;
+        placeSelection();
+      }
+      return;
+    }
     const d = await r.json();
     if (d.layer !== state.layer) return;                // the user switched layers meanwhile
     state.lastBlob = blob;

@@ -177,6 +177,8 @@ def test_live_images_and_bad_upload(live_server, camera_page):
     pg.click("#thumbs img:nth-child(2)")
     pg.wait_for_function("() => /not an image/.test(document.querySelector('#status').textContent)", timeout=30000)
     assert pg.get_attribute("#status", "class") == "error"
+    # nothing of the previous image's result stays on screen to pass for this one's
+    assert pg.eval_on_selector_all("#top5 li", "els => els.length") == 0 and pg.get_attribute("#grid", "src") is None
     assert pg.evaluate("() => document.querySelectorAll('b').length") == 0        # names are text
     screenshot(pg, "live-bad-upload.png")
     # the server still serves: back to the photo
