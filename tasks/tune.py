@@ -70,13 +70,15 @@ def tune(lm, layer: str, units: list[int], presets: list[Preset], *, size: int, 
     """Optimize and measure every (trial preset, unit); trials best first. reference: unit -> its top
     dataset activation (None: normalise by the best trial per unit)."""
     per_trial: dict[str, list[dict]] = {p.name: [] for p in presets}
-    per = max(1, batch // max(1, len(units)))
+    per = max(1, batch // max(1, len(units)))                     # trials per batch
+    unit_chunks = [units[j:j + batch] for j in range(0, len(units), batch)]   # > batch units: split
     for i in range(0, len(presets), per):
         chunk = presets[i:i + per]
-        results = optimize_units(lm.module, lm.preprocessing, layer, units, chunk, model_name=lm.name,
-                                 size=size, device=device)
-        for r, q in zip(results, measure(lm.module, lm.preprocessing, layer, results, lm.name, device)):
-            per_trial[r.preset].append({"unit": r.unit, "dead": r.dead, **q})
+        for us in unit_chunks:      # at most `batch` images per optimization
+            results = optimize_units(lm.module, lm.preprocessing, layer, us, chunk, model_name=lm.name,
+                                     size=size, device=device)
+            for r, q in zip(results, measure(lm.module, lm.preprocessing, layer, results, lm.name, device)):
+                per_trial[r.preset].append({"unit": r.unit, "dead": r.dead, **q})
         if on_batch:
             on_batch(len(chunk))
     best_act = {u: max((m["act"] for ms in per_trial.values() for m in ms if m["unit"] == u), default=0.0)
