@@ -120,7 +120,9 @@ def main() -> int:
     lines += ["", "*model* is the hooked full forward plus the grid (the top-5 needs the logits, so every "
               "frame runs the whole network whatever the layer); the rest of a frame is JPEG decode, PNG "
               "encode of the grid and HTTP. The browser adds its own capture and drawing (about 13 frames/s "
-              "measured in the Playwright test on this machine, with Chromium on the same 2 CPUs)."]
+              "measured in the Playwright test on this machine, with Chromium on the same 2 CPUs). *gradient request*: "
+              "the unit's gradient with respect to the frame, one HTTP request; its forward stops at the layer, so "
+              "early layers cost a few ms (with a full forward it was 42–76 ms for every layer, same machine)."]
     text = "\n".join(lines)
     print(text)
     if args.write:

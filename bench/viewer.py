@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.atlas_viewer.conftest import BIG, CHROMIUM, CHROMIUM_ARGS, make_synthetic_atlas, serve  # noqa: E402
+from tests.atlas_viewer.conftest import BIG, launch_chromium, make_synthetic_atlas, serve  # noqa: E402
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 
@@ -72,7 +72,7 @@ def main() -> int:
         srv = serve(facts["store"])
         try:
             with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+                browser = launch_chromium(pw)
                 url = srv.url(f"#/layer/{BIG}")
                 measure(browser, url, 800)                      # warm up the server and the browser binary
                 screens = [measure(browser, url, 800) for _ in range(args.repeat)]

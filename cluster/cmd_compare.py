@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 
 from cluster.args import add_store_args
@@ -30,16 +31,14 @@ def add_parser(sub):
 
 
 def _median(v):
-    v = sorted(x for x in v if x is not None and not math.isnan(x))
-    if not v:
-        return None
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+    """Median of the values that are numbers (None and NaN skipped); None when there are none."""
+    v = [x for x in v if x is not None and not math.isnan(x)]
+    return statistics.median(v) if v else None
 
 
 def _mean(v):
     v = [x for x in v if x is not None and not math.isnan(x)]
-    return sum(v) / len(v) if v else None
+    return statistics.fmean(v) if v else None
 
 
 def summarize(rows: list[dict], presets: list[str], layers: list[str]) -> list[dict]:

@@ -434,18 +434,6 @@ def _png_url(arr) -> str:
 
 
 # ---------------------------------------------------------------- setup
-def pick_device(spec: str) -> str:
-    import torch
-
-    from tasks.errors import UserError
-
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {spec}: no CUDA device here; use --device cpu")
-    return spec
-
-
 def default_layer(layers) -> str:
     """A middle block with a spatial map (the grid is more telling than a vector's)."""
     spatial = ([l for l in layers if len(l.shape) == 3 and l.kind == "block"]
@@ -471,13 +459,15 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, la
 
 
 def run(args) -> int:
+    from cluster.args import resolve_device
+    from cluster.cmd_serve import serve_until_interrupted, server_url
     from storage.store import open_store
     from tasks.errors import UserError
     from tasks.models import load_model
 
     if not args.max_upload_mb > 0:
         raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     store = open_store(args.atlas, args.endpoint_url) if args.atlas else None
     lm = load_model(args.model, args.weights, device=device)
     try:
@@ -487,23 +477,10 @@ def run(args) -> int:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
                         f"pick another --port (0 picks a free one)") from None
     live = server.RequestHandlerClass.live
-    host, port = server.server_address[:2]
-    shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[%s]" % host if ":" in host else host)
-    url = f"http://{shown}:{port}/"
+    url = server_url(server, "/")
     print(f"live activations of {lm.name} on {device} at {url}", flush=True)
     if live.atlas is not None:
         print(f"atlas: {live.atlas.store.uri}" + (f" ({live.atlas.reason})" if live.atlas.reason else ""), flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: bound to {host}: anyone who can reach this machine on port {port} can send frames; "
-              f"browsers allow the webcam only on localhost or https", flush=True)
-    print("press Ctrl-C to stop", flush=True)
-    if args.open:
-        import webbrowser
-        threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print(f"stopped after {live.frames} frames", flush=True)
-    finally:
-        server.server_close()
+    serve_until_interrupted(server, url, "send frames; browsers allow the webcam only on localhost or https",
+                            args.open, stopped=lambda: f"stopped after {live.frames} frames")
     return 0

@@ -59,12 +59,10 @@ def raise_user(msg: str):
 
 
 def run(args) -> int:
-    import torch
-
+    from cluster.args import resolve_device
     from tasks.models import load_model
     from tasks.modern import is_modern
-    from tasks.optimize import all_presets, display_image, load_presets, optimize_units
-    from tasks.preprocess import to_pil
+    from tasks.optimize import all_presets, load_presets, optimize_units, result_image
     from tasks.quality import measure
 
     known = dict(all_presets())
@@ -77,13 +75,7 @@ def run(args) -> int:
         raise_user(f"--size must be >= 8 pixels (got {args.size})")
     if args.unit < 0:
         raise_user(f"--unit must be >= 0 (got {args.unit})")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise_user(f"unknown device {args.device!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise_user(f"device {args.device!r} asked for but CUDA is not available; use --device cpu")
+    device = resolve_device(args.device)
 
     lm = load_model(args.model, args.weights, device=device)
     results = optimize_units(lm.module, lm.preprocessing, args.layer, [args.unit], presets,
@@ -96,11 +88,8 @@ def run(args) -> int:
     quality = measure(lm.module, lm.preprocessing, args.layer, results, lm.name, device)
     for p, r, q in zip(presets, results, quality):
         png = f"{_safe(r.preset)}.png"
-        stretch = args.stretch and not is_modern(p)     # modern images are natural-looking already
-        img = to_pil(display_image(r.image, lm.preprocessing) if stretch else r.image)
-        if r.alpha is not None:                          # MaCo's transparency map as alpha
-            img.putalpha(to_pil(r.alpha.expand(3, -1, -1)).convert("L"))
-        img.save(out / png)
+        # modern images are natural-looking already: never stretched
+        result_image(r, lm.preprocessing, stretch=args.stretch and not is_modern(p)).save(out / png)
         entries.append({**p.to_dict(), "steps": r.steps, "image": png, "activation": r.activation,
                         "dead": r.dead, "seed": r.seed, "quality": q,
                         "history": [{"step": s, "activation": a} for s, a in zip(r.history_steps, r.history)]})

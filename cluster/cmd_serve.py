@@ -217,21 +217,34 @@ def run(args) -> int:
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
                         f"pick another --port (0 picks a free one)") from None
+    url = server_url(server, INDEX)
+    print(f"serving the atlas {store.uri} at {url}", flush=True)
+    serve_until_interrupted(server, url, "browse the atlas", args.open)
+    return 0
+
+
+def server_url(server, path: str) -> str:
+    """The URL to print for a server bound to host:port (0.0.0.0 shown as 127.0.0.1, IPv6 in [])."""
     host, port = server.server_address[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[%s]" % host if ":" in host else host)
-    url = f"http://{shown}:{port}{INDEX}"
-    print(f"serving the atlas {store.uri} at {url}", flush=True)
+    return f"http://{shown}:{port}{path}"
+
+
+def serve_until_interrupted(server, url: str, exposes: str, open_browser: bool = False,
+                            stopped=lambda: "stopped") -> None:
+    """Warn when bound beyond this machine (anyone reaching the port can `exposes`), optionally open
+    the browser, serve until Ctrl-C, print stopped() and close the socket."""
+    host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"note: bound to {host}: anyone who can reach this machine on port {port} can browse the atlas",
+        print(f"note: bound to {host}: anyone who can reach this machine on port {port} can {exposes}",
               flush=True)
     print("press Ctrl-C to stop", flush=True)
-    if args.open:
+    if open_browser:
         import webbrowser
         threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("stopped", flush=True)
+        print(stopped(), flush=True)
     finally:
         server.server_close()
-    return 0

@@ -75,12 +75,12 @@ def _reference(args, lm, units):
 
 
 def run(args) -> int:
-    import torch
     from tqdm import tqdm
 
+    from cluster.args import resolve_device
     from cluster.config import parse_units
     from tasks.errors import UserError
-    from tasks.hooks import get_layer
+    from tasks.layers import resolve_layers
     from tasks.models import load_model
     from tasks.tune import sample_presets, tune
 
@@ -89,13 +89,10 @@ def run(args) -> int:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.size is not None and args.size < 16:
         raise UserError(f"--size must be at least 16 pixels, got {args.size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     lm = load_model(args.model, args.weights, device=device)
-    layer_mod = get_layer(lm.module, args.layer)
-    from tasks.layers import resolve_layers
-    info = next((i for i in resolve_layers(lm.module, lm.input_size, [args.layer])), None)
-    n_units = info.units if info else getattr(layer_mod, "out_channels", None) or getattr(layer_mod, "out_features")
-    units = parse_units(args.units, n_units, args.layer)
+    (info,) = resolve_layers(lm.module, lm.input_size, [args.layer])    # unknown layer -> UserError
+    units = parse_units(args.units, info.units, args.layer)
     reference, ref_note = _reference(args, lm, units)
     presets = sample_presets(args.trials, args.seed, args.steps)
     size = args.size or lm.input_size

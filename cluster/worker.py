@@ -49,8 +49,7 @@ class ShardWorker:
     # ---------------------------------------------------------------- optimization pass
     def _optimize(self, shard: dict) -> dict:
         from tasks.modern import is_modern
-        from tasks.optimize import display_image, get_preset, load_presets, optimize_units
-        from tasks.preprocess import to_pil
+        from tasks.optimize import get_preset, load_presets, optimize_units, result_image
         from tasks.quality import measure
 
         extra = load_presets(self.presets_file) if self.presets_file else {}
@@ -64,14 +63,10 @@ class ShardWorker:
         quality = measure(self.lm.module, self.lm.preprocessing, shard["layer"], firsts, self.lm.name, self.device)
         rows = []
         for r in results:
-            if r.preset in modern:
-                img = to_pil(r.image)       # already a natural-looking image in [0, 1]
-                if r.alpha is not None:     # MaCo's transparency: the unit's attribution as alpha
-                    img.putalpha(to_pil(r.alpha.expand(3, -1, -1)).convert("L"))
-            else:
-                # saved contrast-stretched around the mean, as the paper's toolbox did (the raw optimum
-                # is nearly flat grey); the recorded activation belongs to the unstretched image
-                img = to_pil(display_image(r.image, self.lm.preprocessing))
+            # the paper's images are saved contrast-stretched around the mean, as its toolbox did (the
+            # raw optimum is nearly flat grey; the recorded activation belongs to the unstretched
+            # image); the modern presets' images are natural-looking already
+            img = result_image(r, self.lm.preprocessing, stretch=r.preset not in modern)
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             self.store.put(layout.unit_key(shard["layer"], r.unit, layout.preset_image(r.preset, r.index)),

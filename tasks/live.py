@@ -11,7 +11,7 @@ import torch
 
 from tasks.errors import UserError
 from tasks.grid import grid_shape, normalize_layer, tile_grid
-from tasks.hooks import as_module, get_layer
+from tasks.hooks import as_module, get_layer, hooked
 
 
 @dataclass
@@ -38,9 +38,6 @@ class LiveModel:
         self.module = as_module(lm).eval()
         self.device = torch.device(device)
         self.labels = getattr(lm, "labels", None)
-
-    def check_layer(self, layer: str) -> None:
-        get_layer(self.module, layer)   # UserError naming the layer
 
     def _forward(self, x: torch.Tensor, layer: str):
         """Full forward of one preprocessed image (3, H, W); returns (layer output [0], logits [0])."""
@@ -94,8 +91,9 @@ class LiveModel:
         (h, w) as DESIGN.md defines it. Returns uint8 (H, W, 3): signed gradient, 128 = 0, scaled
         so the largest |component| is 127 (all 128 when the gradient is zero)."""
         x = x.detach().clone().to(self.device).requires_grad_(True)
-        with torch.enable_grad():
-            acts, _ = self._forward(x, layer)
+        # the forward stops at the layer (tasks.hooks.hooked): the rest of the network is not needed
+        with torch.enable_grad(), hooked(self.module, [layer]) as run:
+            acts = run(x.unsqueeze(0))[layer][0]
             if not 0 <= unit < acts.shape[0]:
                 raise UserError(f"unit {unit} is out of range for layer {layer!r} "
                                 f"({acts.shape[0]} units: 0..{acts.shape[0] - 1})")

@@ -21,6 +21,7 @@ from tasks.errors import UserError
 from tasks.hooks import hooked
 from tasks.optimize import UnitResult, _check_model_device, _check_output, _model_dtype, history_steps, unit_seed
 from tasks.param import PARAMETERIZATIONS
+from tasks.preprocess import normalize
 from tasks.transforms import MACO, STANDARD
 
 TRANSFORMS = {"none": None, "standard": STANDARD, "maco": MACO}
@@ -92,9 +93,6 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
     _check_model_device(model, device)
     dtype = _model_dtype(model)
     S = int(size or preprocessing["crop"])
-    mean = torch.tensor(preprocessing["mean"], dtype=dtype, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"], dtype=dtype, device=device).view(1, 3, 1, 1)
-    normalize = lambda x01: (x01 - mean) / std  # noqa: E731
     diversity = max(1, int(diversity))
     div_layer = diversity_layer or layer
     out: dict[tuple[int, str, int], UnitResult] = {}
@@ -120,7 +118,7 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
             for t in range(n):
                 img = image_fn()
                 img.retain_grad()
-                outs = run(normalize(tf(img, tgens) if tf is not None else img))
+                outs = run(normalize(tf(img, tgens) if tf is not None else img, preprocessing))
                 if t == 0:
                     _check_output(outs[layer], layer, unit_idx)
                 a = objective_mean(outs[layer], unit_idx)
@@ -142,7 +140,7 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
             with torch.no_grad():
                 final = image_fn().detach()
                 from tasks.quality import unit_activation
-                act = unit_activation(run(normalize(final))[layer], unit_idx).tolist()
+                act = unit_activation(run(normalize(final, preprocessing))[layer], unit_idx).tolist()
         images = final.float().clamp(0, 1).cpu()
         alphas = _alpha(attribution) if attribution is not None else None
         for i, (u, d) in enumerate(trip):

@@ -497,6 +497,17 @@ def display_image(image: torch.Tensor, preprocessing: dict) -> torch.Tensor:
     return (d / scale + 0.5).clamp(0, 1).to(image.dtype)
 
 
+def result_image(r: UnitResult, preprocessing: dict, stretch: bool):
+    """A result as an 8-bit PIL image: contrast-stretched (display_image) when `stretch`, with its
+    transparency map (MaCo's attribution) as the alpha channel when it has one."""
+    from tasks.preprocess import to_pil
+
+    img = to_pil(display_image(r.image, preprocessing) if stretch else r.image)
+    if r.alpha is not None:
+        img.putalpha(to_pil(r.alpha.expand(3, -1, -1)).convert("L"))
+    return img
+
+
 def _progress_bar(total: int, layer: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=f"optimize {layer}", unit="step", disable=None, leave=False)

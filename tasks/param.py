@@ -117,14 +117,20 @@ def natural_magnitude(size: int) -> torch.Tensor:
     return _hermitian_magnitude(torch.fft.ifftshift(out, dim=1), size)
 
 
+def _mirror_columns(x: torch.Tensor, w: int, sign: float) -> torch.Tensor:
+    """x (..., h, w // 2 + 1) on the rfft2 grid, with x[-k] = sign * x[k] imposed (by averaging) in
+    the columns that hold both k and -k: column 0, and w/2 for even w."""
+    h = x.shape[-2]
+    neg = (-torch.arange(h, device=x.device)) % h
+    out = x.clone()
+    for c in [0] + ([w // 2] if w % 2 == 0 else []):
+        out[..., :, c] = (x[..., :, c] + sign * x[..., neg, c]) / 2
+    return out
+
+
 def _hermitian_magnitude(mag: torch.Tensor, w: int) -> torch.Tensor:
     """|F(-k)| = |F(k)| in the rfft columns that hold both (a real image's spectrum must)."""
-    h = mag.shape[-2]
-    neg = (-torch.arange(h)) % h
-    out = mag.clone()
-    for c in [0] + ([w // 2] if w % 2 == 0 else []):
-        out[..., :, c] = (mag[..., :, c] + mag[..., neg, c]) / 2
-    return out
+    return _mirror_columns(mag, w, 1.0)
 
 
 def hermitian_phase(ph: torch.Tensor, w: int) -> torch.Tensor:
@@ -132,12 +138,7 @@ def hermitian_phase(ph: torch.Tensor, w: int) -> torch.Tensor:
     both k and -k (column 0, and w/2 for even w) the phase must be odd, phase[-k] = -phase[k] (and 0 at
     the self-conjugate bins). Without this irfft2 would silently symmetrize those columns and change
     their magnitudes; with it the magnitude spectrum is exactly the one given."""
-    h = ph.shape[-2]
-    neg = (-torch.arange(h, device=ph.device)) % h
-    out = ph.clone()
-    for c in [0] + ([w // 2] if w % 2 == 0 else []):
-        out[..., :, c] = (ph[..., :, c] - ph[..., neg, c]) / 2
-    return out
+    return _mirror_columns(ph, w, -1.0)
 
 
 def maco(gens: list[torch.Generator], size: int, device="cpu", dtype=torch.float32, std: float = 0.18):

@@ -43,20 +43,23 @@ def unit_activation(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activations(run, layer: str, x01: torch.Tensor, units: torch.Tensor, normalize) -> torch.Tensor:
-    return unit_activation(run(normalize(x01))[layer], units)
+def activations(run, layer: str, x01: torch.Tensor, units: torch.Tensor, preprocessing: dict) -> torch.Tensor:
+    """unit_activation of images in [0, 1] (the model's own normalisation applied), through `run`
+    (tasks.hooks.hooked)."""
+    from tasks.preprocess import normalize
+    return unit_activation(run(normalize(x01, preprocessing))[layer], units)
 
 
 @torch.no_grad()
-def robustness(run, layer: str, x01: torch.Tensor, units: torch.Tensor, normalize, gens, n: int = 8,
+def robustness(run, layer: str, x01: torch.Tensor, units: torch.Tensor, preprocessing: dict, gens, n: int = 8,
                base: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of activation(T(x)) / activation(x) over n random transforms (per-image generators)."""
     from tasks.transforms import ROBUSTNESS
 
-    base = activations(run, layer, x01, units, normalize) if base is None else base
+    base = activations(run, layer, x01, units, preprocessing) if base is None else base
     ratios = []
     for _ in range(n):
-        ratios.append(activations(run, layer, ROBUSTNESS(x01, gens), units, normalize) / base)
+        ratios.append(activations(run, layer, ROBUSTNESS(x01, gens), units, preprocessing) / base)
     r = torch.stack(ratios).mean(0)
     return torch.where(base > 0, r, torch.full_like(r, float("nan")))
 
@@ -73,15 +76,12 @@ def measure(model, preprocessing: dict, layer: str, results, model_name: str, de
         return []
     module = as_module(model)
     dtype = next(module.parameters()).dtype
-    mean = torch.tensor(preprocessing["mean"], dtype=dtype, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing["std"], dtype=dtype, device=device).view(1, 3, 1, 1)
-    normalize = lambda x01: (x01 - mean) / std  # noqa: E731
     x = torch.stack([r.image for r in results]).to(dtype).to(device)
     units = torch.tensor([r.unit for r in results], device=device)
     gens = [torch.Generator().manual_seed(unit_seed(model_name, layer, r.unit, f"robust:{r.preset}#{r.index}"))
             for r in results]
     with hooked(module, [layer]) as run:
-        act = activations(run, layer, x, units, normalize)
-        rob = robustness(run, layer, x, units, normalize, gens, n=n, base=act)
+        act = activations(run, layer, x, units, preprocessing)
+        rob = robustness(run, layer, x, units, preprocessing, gens, n=n, base=act)
     hf = hf_fraction(x) / natural_hf_median()
     return [{"act": float(a), "hf": float(h), "robust": float(b)} for a, h, b in zip(act.tolist(), hf.tolist(), rob.tolist())]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,7 @@ def score(ratios: list[float], robust: list[float], hf: list[float]) -> float:
     # robustness is undefined (NaN) where the image does not excite the unit at all: it counts as 0
     b = [min(max(x, 0.0), 1.0) if x is not None and math.isfinite(x) else 0.0 for x in robust]
     b_term = sum(b) / len(b) if b else 0.0
-    h_sorted = sorted(h)
-    med = h_sorted[len(h) // 2] if len(h) % 2 else (h_sorted[len(h) // 2 - 1] + h_sorted[len(h) // 2]) / 2
-    return r_term * b_term / max(1.0, med)
+    return r_term * b_term / max(1.0, statistics.median(h))
 
 
 @dataclass
@@ -97,7 +96,7 @@ def tune(lm, layer: str, units: list[int], presets: list[Preset], *, size: int, 
 
 
 def _mean(v):
-    return sum(v) / len(v) if v else float("nan")
+    return statistics.fmean(v) if v else float("nan")
 
 
 @torch.no_grad()

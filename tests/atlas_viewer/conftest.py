@@ -218,9 +218,9 @@ def real_atlas(ray_cluster, sample_dir, tmp_path_factory):
 
 
 # ---------------------------------------------------------------- the browser
-@pytest.fixture(scope="session")
-def browser():
-    # `make test` installs both; under CI a missing browser is a failure, never a silent skip
+def require_playwright():
+    """playwright.sync_api, with Debian's Chromium present. `make test` installs both; under CI a
+    missing browser is a failure, never a silent skip."""
     missing = pytest.fail if os.environ.get("CI") else pytest.skip
     try:
         import playwright.sync_api as pw_mod
@@ -228,8 +228,18 @@ def browser():
         missing("playwright is not installed (make test installs it)")
     if not os.path.exists(CHROMIUM):
         missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with pw_mod.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    return pw_mod
+
+
+def launch_chromium(pw, extra_args=()):
+    """Headless Debian Chromium (never a downloaded browser) with the suite's flags plus extra_args."""
+    return pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args), headless=True)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with require_playwright().sync_playwright() as pw:
+        b = launch_chromium(pw)
         yield b
         b.close()
 

@@ -3,7 +3,6 @@ two real ImageNet photos: the grid updates across frames, the top-5 names each p
 clicked tile shows that unit's entry of a real atlas. Screenshots go to artifacts/."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.atlas_viewer.conftest import CHROMIUM, CHROMIUM_ARGS, REAL_LAYERS, ROOT, screenshot
+from tests.atlas_viewer.conftest import REAL_LAYERS, ROOT, launch_chromium, require_playwright, screenshot
 
 LAYER = REAL_LAYERS[0]      # _blocks.1: 24 x 56 x 56
 
@@ -80,20 +79,13 @@ def live_server(real_atlas):
 
 @pytest.fixture
 def camera_page(tmp_path, sample_dir, lite0):
-    missing = pytest.fail if os.environ.get("CI") else pytest.skip
-    try:
-        import playwright.sync_api as pw_mod
-    except ImportError:
-        missing("playwright is not installed (make test installs it)")
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    pw_mod = require_playwright()
     photos = confident_photos(sample_dir, lite0)
     y4m = tmp_path / "camera.y4m"
     write_y4m(y4m, [photos[0][0]] * 10 + [photos[1][0]] * 10)     # 1 s of each photo, looped
     with pw_mod.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
-            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-video-capture={y4m}"])
+        b = launch_chromium(pw, ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                                 f"--use-file-for-fake-video-capture={y4m}"])
         ctx = b.new_context(viewport={"width": 1280, "height": 800})
         pg = ctx.new_page()
         pg.errors = []

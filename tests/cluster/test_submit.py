@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,9 @@ import pytest
 
 from storage import layout
 from tests.conftest import ROOT
+from tests.s3server import free_ports
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -54,7 +48,7 @@ class MultiNode:
 
     def __init__(self):
         self.tmp = tempfile.mkdtemp(prefix="dvmn", dir="/tmp")      # short: Ray's socket paths
-        self.gcs, self.dash = _free_port(), _free_port()
+        self.gcs, self.dash, self.client_port = free_ports(3)
         # Ray >= 2.59 requires a token; one of our own, given to every process of this cluster
         # (nodes, `deepvis submit`) explicitly, so nothing depends on ~/.ray or on what else ran first
         self.token = secrets.token_hex(32)
@@ -69,8 +63,9 @@ class MultiNode:
     def _start(self, name: str, args: list[str]):
         log = open(Path(self.tmp) / f"{name}.log", "w")
         # every node's agents on ports of their own: two nodes (and the tests' own Ray) share this host
-        ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                 f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+        listen, grpc, metrics, runtime_env = free_ports(4)
+        ports = [f"--dashboard-agent-listen-port={listen}", f"--dashboard-agent-grpc-port={grpc}",
+                 f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
         self.procs[name] = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
                                              "--node-ip-address=127.0.0.1", *ports, *args],
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT,
@@ -79,7 +74,7 @@ class MultiNode:
     def start(self):
         self._start("head", ["--head", f"--port={self.gcs}", "--num-cpus=1", "--num-gpus=0",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={self.dash}", f"--ray-client-server-port={_free_port()}",
+                             f"--dashboard-port={self.dash}", f"--ray-client-server-port={self.client_port}",
                              f"--temp-dir={self.tmp}/ray"])
         self._wait(lambda: len(self.nodes()) == 1, "the head node")
         self._start("worker", [f"--address=127.0.0.1:{self.gcs}", "--num-cpus=1", "--num-gpus=0",
@@ -257,7 +252,7 @@ def _one_line(r: subprocess.CompletedProcess) -> str:
 
 
 def test_submit_errors(cluster, dataset, tmp_path):
-    port = _free_port()
+    (port,) = free_ports(1)
     err = _one_line(submit("--address", f"http://127.0.0.1:{port}", "--status", "raysubmit_x"))
     assert "cannot reach the Ray dashboard" in err and str(port) in err
     err = _one_line(submit("--address", f"http://127.0.0.1:{port}", "--", *build_args(dataset, tmp_path / "a")))

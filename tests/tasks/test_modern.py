@@ -155,3 +155,25 @@ def test_paper_progress_presets_beat_the_dataset_at_their_own_steps(lite0):
             logits = lite0.module(normalize(x, lite0.preprocessing))
         for i, c in enumerate(CLASSES):
             assert float(logits[i, c]) > float(data[:, c].max()), (name, c, float(logits[i, c]), float(data[:, c].max()))
+
+
+def test_tune_splits_units_beyond_the_batch(lite0):
+    """More sample units than --batch: the units are optimized in chunks of at most `batch` images,
+    with the same results (per-unit seeds) as one big batch."""
+    from unittest import mock
+
+    import tasks.tune as tune_mod
+    ps = tune_mod.sample_presets(1, seed=5, steps=3)
+    sizes = []
+    real = tune_mod.optimize_units
+
+    def spy(module, pre, layer, units, presets, **kw):
+        sizes.append(len(units) * len(presets))
+        return real(module, pre, layer, units, presets, **kw)
+    with mock.patch.object(tune_mod, "optimize_units", spy):
+        small = tune_mod.tune(lite0, "_fc", [1, 2, 3], ps, size=32, reference={u: 10.0 for u in (1, 2, 3)}, batch=2)
+    assert sizes == [2, 1]
+    big = tune_mod.tune(lite0, "_fc", [1, 2, 3], ps, size=32, reference={u: 10.0 for u in (1, 2, 3)}, batch=64)
+    assert [m["unit"] for m in small[0].per_unit] == [1, 2, 3]
+    for a, b in zip(small[0].per_unit, big[0].per_unit):
+        assert a["act"] == pytest.approx(b["act"], rel=1e-3, abs=1e-4)
