@@ -10,13 +10,17 @@ units of the offline model (goldfish, starfish, balloon, strawberry, volcano), m
   s              wall time of the 5 units (one batch per preset)
 
     python bench/presets.py [--size 128] [--steps 256] [--write]   (--write: the section of BENCHMARKS.md)
+    python bench/presets.py --sample 40 --steps 0 --write   (40 class units drawn at random, seed 0:
+                                                             how often each preset beats every photo)
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -33,6 +37,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=256, help="steps of every preset (0: each preset's own)")
     ap.add_argument("--presets", default="yosinski-1,yosinski-2,yosinski-3,yosinski-4,lucid,maco")
+    ap.add_argument("--sample", type=int, default=0,
+                    help="instead of the 5 fixed classes, N class units drawn at random (seed 0)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     import torch
@@ -49,49 +55,82 @@ def main() -> int:
     with torch.no_grad():
         data = torch.cat([lm.module(torch.stack([preprocess(Image.open(f), lm.preprocessing) for f in files[i:i + 50]]))
                           for i in range(0, len(files), 50)])
-    best_photo = data[:, CLASSES].max(0).values
+    classes = sorted(random.Random(0).sample(range(data.shape[1]), args.sample)) if args.sample else CLASSES
+    n, cls = len(classes), torch.tensor(classes)
+    best_photo = data[:, classes].max(0).values
     rows = []
     for name in args.presets.split(","):
         p = get_preset(name)
         t0 = time.perf_counter()
-        res = optimize_units(lm.module, lm.preprocessing, "_fc", CLASSES, [p], model_name=lm.name,
+        res = optimize_units(lm.module, lm.preprocessing, "_fc", classes, [p], model_name=lm.name,
                              steps=args.steps or None, size=args.size)
         secs = time.perf_counter() - t0
         x = torch.stack([r.image for r in res])
         with torch.no_grad():
-            logits = lm.module(normalize(x, lm.preprocessing))[torch.arange(5), torch.tensor(CLASSES)]
-        gens = [torch.Generator().manual_seed(1000 + i) for i in range(5)]
+            logits = lm.module(normalize(x, lm.preprocessing))[torch.arange(n), cls]
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(n)]
         probs = []
         for _ in range(8):
             with torch.no_grad():
                 pr = lm.module(normalize(ROBUSTNESS(x, gens), lm.preprocessing)).softmax(1)
-            probs.append(pr[torch.arange(5), torch.tensor(CLASSES)])
+            probs.append(pr[torch.arange(n), cls])
         q = measure(lm.module, lm.preprocessing, "_fc", res, lm.name)
+        margins = logits - best_photo
         rows.append({"preset": name, "steps": res[0].steps, "logit": float(logits.mean()),
-                     "margin": float((logits - best_photo).min()), "p_moved": float(torch.stack(probs).mean()),
-                     "hf": sum(m["hf"] for m in q) / 5, "robust": sum(m["robust"] for m in q) / 5, "s": secs})
+                     "margin": float(margins.min()), "median_margin": float(margins.median()),
+                     "beat": int((margins > 0).sum()), "p_moved": float(torch.stack(probs).mean()),
+                     "hf": finite_mean(m["hf"] for m in q), "robust": finite_mean(m["robust"] for m in q), "s": secs})
         print(rows[-1], flush=True)
+    text = sample_table(args, rows, n, torch.__version__) if args.sample else fixed_table(args, rows, torch.__version__)
+    print(text)
+    if args.write:
+        from bench.benchmd import replace_section
+        replace_section(ROOT / "BENCHMARKS.md", text.splitlines()[0], text)
+    return 0
+
+
+def finite_mean(values) -> float:
+    """Mean over the defined values (robustness is undefined, NaN, where the activation is <= 0)."""
+    v = [x for x in values if math.isfinite(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def machine(torch_version: str) -> str:
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()}, torch {torch_version})"
+
+
+def fixed_table(args, rows: list[dict], torch_version: str) -> str:
     heading = HEADING if args.steps else HEADING + ", each preset's own step count"
     lines = [heading, "",
              f"`bench/presets.py` ({dt.date.today()}): 5 class units of `efficientnet_lite0` (goldfish, starfish, "
              f"balloon, strawberry, volcano) at {args.size} px, "
              f"{'%d steps for every preset' % args.steps if args.steps else 'each preset at its own step count'}; "
-             f"CPU ({os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}). *margin* = the "
+             f"{machine(torch_version)}. *margin* = the "
              f"smallest (image logit − best logit of the 800 sample photos) over the 5 classes: > 0 means every "
              f"image beats every photo. *p(class) moved* = mean class probability under random jitter/scale/"
              f"rotation (8 fixed draws). *hf* = high-frequency energy ÷ natural photos' median (1 = natural). "
-             f"*robust* = logit kept under the same transforms.", "",
+             f"*robust* = logit kept under the same transforms (mean over images with a positive logit).", "",
              "| preset | steps | mean logit | margin over photos | p(class) moved | hf | robust | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['steps']} | {r['logit']:.1f} | {r['margin']:+.1f} | {r['p_moved']:.3f} | "
                      f"{r['hf']:.2f} | {r['robust']:.2f} | {r['s']:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        from bench.benchmd import replace_section
-        replace_section(ROOT / "BENCHMARKS.md", heading, text)
-    return 0
+    return "\n".join(lines)
+
+
+def sample_table(args, rows: list[dict], n: int, torch_version: str) -> str:
+    lines = [HEADING + ", random class units", "",
+             f"`bench/presets.py --sample {n}` ({dt.date.today()}): {n} class units of `efficientnet_lite0` drawn "
+             f"at random (`random.Random(0)`, not chosen by result) at {args.size} px, "
+             f"{'%d steps for every preset' % args.steps if args.steps else 'each preset at its own step count'}; "
+             f"{machine(torch_version)}. *beats every photo* = units whose image logit exceeds the best logit "
+             f"of the 800 sample photos for that class; *margin* = image logit − that best photo logit.", "",
+             "| preset | steps | beats every photo | min margin | median margin | mean logit | p(class) moved | "
+             "hf | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['steps']} | {r['beat']}/{n} | {r['margin']:+.1f} | "
+                     f"{r['median_margin']:+.1f} | {r['logit']:.1f} | {r['p_moved']:.3f} | {r['hf']:.2f} | {r['s']:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

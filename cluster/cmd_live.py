@@ -460,7 +460,7 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, la
 
 def run(args) -> int:
     from cluster.args import resolve_device
-    from cluster.cmd_serve import serve_until_interrupted, server_url
+    from cluster.cmd_serve import listen_error, serve_until_interrupted, server_url
     from storage.store import open_store
     from tasks.errors import UserError
     from tasks.models import load_model
@@ -474,8 +474,7 @@ def run(args) -> int:
         server = make_server(lm, args.host, args.port, store, args.layer, int(args.max_upload_mb * 1e6),
                              device, args.verbose)
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
-                        f"pick another --port (0 picks a free one)") from None
+        raise listen_error(args.host, args.port, e) from None
     live = server.RequestHandlerClass.live
     url = server_url(server, "/")
     print(f"live activations of {lm.name} on {device} at {url}", flush=True)

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from cluster.args import add_store_args
+from tasks.errors import UserError
 
 INDEX = "/viewer/index.html"
 
@@ -200,7 +201,6 @@ def make_server(store, host: str = "127.0.0.1", port: int = 0, dataset: bool = T
 def run(args) -> int:
     from storage import layout
     from storage.store import open_store
-    from tasks.errors import UserError
 
     store = open_store(args.store, args.endpoint_url)
     layout.read_manifest(store)  # a clear error when STORE holds no atlas
@@ -215,12 +215,16 @@ def run(args) -> int:
     try:
         server = make_server(store, args.host, args.port, dataset=not args.no_dataset, verbose=args.verbose)
     except OSError as e:
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
-                        f"pick another --port (0 picks a free one)") from None
+        raise listen_error(args.host, args.port, e) from None
     url = server_url(server, INDEX)
     print(f"serving the atlas {store.uri} at {url}", flush=True)
     serve_until_interrupted(server, url, "browse the atlas", args.open)
     return 0
+
+
+def listen_error(host: str, port: int, e: OSError) -> UserError:
+    """The one-line error of a server that cannot bind host:port (port in use, bad address)."""
+    return UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port (0 picks a free one)")
 
 
 def server_url(server, path: str) -> str:

@@ -249,3 +249,10 @@ def test_cli_errors(capsys, tmp_path):
     assert "no atlas" in err and "\n" not in err
     assert main(["live", "--model", "efficientnet_lite0", "--max-upload-mb", "0"]) == 2
     assert "--max-upload-mb" in capsys.readouterr().err
+    with socket.socket() as taken:     # a port in use: one line naming it, not a traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["live", "--model", "efficientnet_lite0", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "\n" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -153,6 +154,18 @@ def test_cli_publishes_a_viewer_when_absent_and_errors_without_atlas(tmp_path):
         p.send_signal(signal.SIGINT)
         p.wait(10)
     assert main(["serve", str(tmp_path / "empty"), "--port", "0"]) == 2
+
+
+def test_cli_port_in_use_is_one_line(atlas, capsys):
+    from cluster.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(atlas["root"]), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepvis serve: error: cannot listen on 127.0.0.1:")
+    assert f":{port} " in err and "pick another --port" in err and "\n" not in err
 
 
 def test_cli_proxies_an_s3_atlas(atlas, tmp_path, monkeypatch):
