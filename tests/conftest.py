@@ -1,6 +1,7 @@
 """Shared fixtures: the real ImageNet sample, the offline model, a real local Ray cluster."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SAMPLE = SHARED / "datasets" / "imagenet-sample"
 CLASSES = SHARED / "datasets" / "imagenet-classes.tsv"
+
+# A suite started in the background by a non-interactive shell (`make test &`) inherits SIGINT as
+# ignored, and so would every CLI subprocess that tests stop with SIGINT (a build resumed after
+# Ctrl-C, `deepvis serve` stopping): they would run on. Restore Python's handler, as on a terminal;
+# subprocesses then start with the default action again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
