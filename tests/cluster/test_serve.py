@@ -152,7 +152,12 @@ def test_cli_publishes_a_viewer_when_absent_and_errors_without_atlas(tmp_path):
         assert (facts["root"] / "viewer/data/model.json").is_file()
     finally:
         p.send_signal(signal.SIGINT)
-        p.wait(10)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:   # fail, but leave no server behind
+            p.kill()
+            p.wait(5)
+            raise
     assert main(["serve", str(tmp_path / "empty"), "--port", "0"]) == 2
 
 
