@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import os
 import platform
 import random
@@ -47,7 +46,7 @@ def main() -> int:
     from tasks.models import load_model
     from tasks.optimize import get_preset, optimize_units
     from tasks.preprocess import normalize, preprocess
-    from tasks.quality import measure
+    from tasks.quality import finite_mean, measure
     from tasks.transforms import ROBUSTNESS
 
     lm = load_model("efficientnet_lite0")
@@ -87,12 +86,6 @@ def main() -> int:
         from bench.benchmd import replace_section
         replace_section(ROOT / "BENCHMARKS.md", text.splitlines()[0], text)
     return 0
-
-
-def finite_mean(values) -> float:
-    """Mean over the defined values (robustness is undefined, NaN, where the activation is <= 0)."""
-    v = [x for x in values if math.isfinite(x)]
-    return sum(v) / len(v) if v else float("nan")
 
 
 def machine(torch_version: str) -> str:

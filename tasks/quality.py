@@ -8,11 +8,25 @@
 from __future__ import annotations
 
 import functools
+import math
+import statistics
 
 import numpy as np
 import torch
 
 HF_CUTOFF = 0.25      # cycles per pixel: the upper half of the frequencies (Nyquist = 0.5)
+
+
+def finite(values) -> list[float]:
+    """The defined measures among values (robustness is NaN where the image does not excite the
+    unit; a missing measure is None): None, NaN and inf dropped."""
+    return [x for x in values if x is not None and math.isfinite(x)]
+
+
+def finite_mean(values) -> float:
+    """Mean of finite(values); NaN when none is defined."""
+    v = finite(values)
+    return statistics.fmean(v) if v else float("nan")
 
 
 def hf_fraction(x01: torch.Tensor) -> torch.Tensor:

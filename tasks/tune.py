@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.optimize import Preset, optimize_units
-from tasks.quality import measure
+from tasks.quality import finite, finite_mean, measure
 
 
 def sample_presets(n: int, seed: int = 0, steps: int = 200) -> list[Preset]:
@@ -42,8 +42,6 @@ def sample_presets(n: int, seed: int = 0, steps: int = 200) -> list[Preset]:
 
 
 def score(ratios: list[float], robust: list[float], hf: list[float]) -> float:
-    def finite(v):
-        return [x for x in v if x is not None and math.isfinite(x)]
     r, h = finite(ratios), finite(hf)
     if not r or not h:
         return float("-inf")
@@ -89,14 +87,9 @@ def tune(lm, layer: str, units: list[int], presets: list[Preset], *, size: int, 
             ref = (reference or {}).get(m["unit"]) if reference else best_act[m["unit"]]
             m["ratio"] = m["act"] / ref if ref and ref > 0 else float("nan")
         s = score([m["ratio"] for m in ms], [m["robust"] for m in ms], [m["hf"] for m in ms])
-        fin = lambda k: [m[k] for m in ms if math.isfinite(m[k])]  # noqa: E731
-        trials.append(Trial(p, s, _mean(fin("ratio")), _mean(fin("robust")), _mean(fin("hf")), ms))
+        trials.append(Trial(p, s, *(finite_mean(m[k] for m in ms) for k in ("ratio", "robust", "hf")), ms))
     trials.sort(key=lambda t: (-t.score, t.preset.name))
     return trials
-
-
-def _mean(v):
-    return statistics.fmean(v) if v else float("nan")
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -89,6 +90,14 @@ def test_measure_matches_direct_computation(lite0):
     # deterministic and batch-free: measuring one result alone gives the same numbers
     alone = measure(lite0.module, lite0.preprocessing, "_blocks.3", res[3:], "m")[0]
     assert alone == pytest.approx(q[3], rel=1e-5)
+
+
+def test_finite_measures_skip_undefined():
+    from tasks.quality import finite, finite_mean
+    nan, inf = float("nan"), float("inf")
+    assert finite([1.0, nan, None, 3.0, inf, -inf, 0.0]) == [1.0, 3.0, 0.0]
+    assert finite_mean([1.0, nan, None, 4.0]) == 2.5
+    assert math.isnan(finite_mean([nan, None])) and math.isnan(finite_mean([]))
 
 
 @pytest.mark.skipif(not DATASET.is_dir(), reason="needs the imagenet-sample dataset")
