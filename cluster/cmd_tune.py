@@ -109,9 +109,8 @@ def run(args) -> int:
     for rank, t in enumerate(best, 1):
         p = t.preset
         lines += [f"[tuned-{rank}]   # {p.name}: score {t.score:.4g}, ratio {t.ratio:.3g}, robust {t.robust:.3g}, hf {t.hf:.3g}",
-                  f"decay = {p.decay!r}", f"blur_width = {p.blur_width!r}", f"blur_every = {p.blur_every}",
-                  f"norm_pct = {p.norm_pct!r}", f"contrib_pct = {p.contrib_pct!r}", f"steps = {p.steps}",
-                  f"lr = {p.lr!r}", f'lr_policy = "{p.lr_policy}"', ""]
+                  # every Preset field but the name (the table's header), as TOML: JSON's numbers and strings are TOML's
+                  *(f"{k} = {json.dumps(v)}" for k, v in p.to_dict().items() if k != "name"), ""]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(lines))
