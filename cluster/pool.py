@@ -43,7 +43,7 @@ class ShardPool:
     def _start(self, n: int) -> list:
         launched = self._launch(n)
         infos = ray.get(list(launched))  # waits for the model to load everywhere
-        for (ref, a), info in zip(launched.items(), infos):
+        for a, info in zip(launched.values(), infos):
             self._joined(a, info)
         return list(launched.values())
 
