@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from storage import layout
-from storage.store import Store
+from deepvis.storage import layout
+from deepvis.storage.store import Store
 
 STATIC = Path(__file__).resolve().parent / "static"
 VIEWER = "viewer"

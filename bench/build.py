@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmd import replace_section  # noqa: E402  (bench/ is the script directory)
 
-from cluster.build import make_plan, make_shards, run_build  # noqa: E402
-from cluster.config import BuildConfig  # noqa: E402
-from storage import layout  # noqa: E402
-from tasks.models import load_model  # noqa: E402
-from tasks.optimize import display_image, get_preset, optimize_units  # noqa: E402
-from tasks.preprocess import to_pil  # noqa: E402
+from deepvis.cluster.build import make_plan, make_shards, run_build  # noqa: E402
+from deepvis.cluster.config import BuildConfig  # noqa: E402
+from deepvis.storage import layout  # noqa: E402
+from deepvis.tasks.models import load_model  # noqa: E402
+from deepvis.tasks.optimize import display_image, get_preset, optimize_units  # noqa: E402
+from deepvis.tasks.preprocess import to_pil  # noqa: E402
 
 SECTION = "## Build (Ray overhead)"
 PRESET = "yosinski-3"
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
                   for n, rs in runs.items()}
         # what a fresh actor process pays on its first shard: ShardWorker._optimize imports
         # tasks.optimize and tasks.preprocess lazily (torchvision, and with it torch._dynamo)
-        code = ("import time, torch; t = time.perf_counter(); import tasks.optimize, tasks.preprocess; "
+        code = ("import time, torch; t = time.perf_counter(); import deepvis.tasks.optimize, tasks.preprocess; "
                 "print(time.perf_counter() - t)")
         try:
             t_import = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -34,7 +34,7 @@ HEADING = "## Live activations"
 def frame_jpeg() -> bytes:
     from PIL import Image
 
-    from tasks.preprocess import crop_input
+    from deepvis.tasks.preprocess import crop_input
     f = sorted(SAMPLE.glob("*/*.JPEG"))[0]
     with Image.open(f) as im:
         frame = crop_input(im, {"resize": 224, "crop": 224, "interpolation": "bilinear"})
@@ -51,9 +51,9 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from cluster.cmd_live import make_server
-    from tasks.models import load_model
-    from tasks.preprocess import preprocess
+    from deepvis.atlas_viewer.live.server import make_server
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.preprocess import preprocess
 
     lm = load_model("efficientnet_lite0")
     body = frame_jpeg()

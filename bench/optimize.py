@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmd import replace_section  # noqa: E402  (bench/ is the script directory)
 
-from tasks.models import load_model  # noqa: E402
-from tasks.optimize import (Hyper, clip_range, get_preset, objective, optimize_units,  # noqa: E402
+from deepvis.tasks.models import load_model  # noqa: E402
+from deepvis.tasks.optimize import (Hyper, clip_range, get_preset, objective, optimize_units,  # noqa: E402
                             regularize, start_image, unit_seed)
 
 SECTION = "## Optimization"

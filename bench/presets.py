@@ -43,11 +43,11 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from tasks.models import load_model
-    from tasks.optimize import get_preset, optimize_units
-    from tasks.preprocess import normalize, preprocess
-    from tasks.quality import finite_mean, measure
-    from tasks.transforms import ROBUSTNESS
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.optimize import get_preset, optimize_units
+    from deepvis.tasks.preprocess import normalize, preprocess
+    from deepvis.tasks.quality import finite_mean, measure
+    from deepvis.tasks.transforms import ROBUSTNESS
 
     lm = load_model("efficientnet_lite0")
     files = sorted(SAMPLE.rglob("*.JPEG"))

@@ -52,7 +52,7 @@ def make_writer_class(ray):
 def run(args) -> list[dict]:
     import ray
 
-    from storage.s3 import S3Store
+    from deepvis.storage.s3 import S3Store
     from tests.s3server import SeaweedServer
 
     rows = []

@@ -37,12 +37,12 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from storage.datasets import BadImage, dataset_root, list_images, read_image  # noqa: E402
-from tasks.activations import batch_unit_maxima, to_model_input  # noqa: E402
-from tasks.layers import resolve_layers  # noqa: E402
-from tasks.models import load_model  # noqa: E402
-from tasks.preprocess import crop_input  # noqa: E402
-from tasks.topk import RunningTopK  # noqa: E402
+from deepvis.storage.datasets import BadImage, dataset_root, list_images, read_image  # noqa: E402
+from deepvis.tasks.activations import batch_unit_maxima, to_model_input  # noqa: E402
+from deepvis.tasks.layers import resolve_layers  # noqa: E402
+from deepvis.tasks.models import load_model  # noqa: E402
+from deepvis.tasks.preprocess import crop_input  # noqa: E402
+from deepvis.tasks.topk import RunningTopK  # noqa: E402
 
 DEFAULT_DATASET = os.path.join(os.path.dirname(ROOT), "shared", "datasets", "imagenet-sample")
 SECTION = "## Dataset pass"

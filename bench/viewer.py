@@ -61,7 +61,7 @@ def main() -> int:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from atlas_viewer.publish import publish
+    from deepvis.atlas_viewer.publish import publish
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:

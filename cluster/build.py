@@ -16,11 +16,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cluster.config import BuildConfig, parse_units
-from storage import layout
-from storage.errors import StoreError
-from storage.store import Store, open_store
-from tasks.errors import UserError
+from deepvis.cluster.config import BuildConfig, parse_units
+from deepvis.storage import layout
+from deepvis.storage.errors import StoreError
+from deepvis.storage.store import Store, open_store
+from deepvis.tasks.errors import UserError
 
 VERSION = "0.1.0"
 
@@ -56,9 +56,9 @@ def _weights_signature(weights: str | None) -> str:
 def make_plan(cfg: BuildConfig) -> Plan:
     """Resolve and validate everything (model, layers, units, presets, dataset) before any work:
     bad input fails here with a UserError/StoreError."""
-    from tasks.layers import resolve_layers
-    from tasks.models import load_model
-    from tasks.optimize import all_presets, get_preset, load_presets
+    from deepvis.tasks.layers import resolve_layers
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.optimize import all_presets, get_preset, load_presets
 
     lm = load_model(cfg.model, cfg.weights)
     infos = resolve_layers(lm.module, lm.input_size, cfg.layers)
@@ -72,11 +72,11 @@ def make_plan(cfg: BuildConfig) -> Plan:
     model = {"name": lm.name, "source": lm.source, "weights": lm.weights, "input_size": lm.input_size,
              "preprocessing": lm.preprocessing}
     if cfg.diversity_layer:
-        from tasks.hooks import get_layer
+        from deepvis.tasks.hooks import get_layer
         get_layer(lm.module, cfg.diversity_layer)      # unknown -> UserError before any work
     plan = Plan(cfg, model, layers, presets, labels=lm.labels)
     if cfg.dataset:
-        from storage.datasets import list_images
+        from deepvis.storage.datasets import list_images
         plan.images = list_images(cfg.dataset, cfg.endpoint_url)
     return plan
 
@@ -173,8 +173,8 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
 # ---------------------------------------------------------------- the build
 def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     import ray
-    from cluster.pool import ShardPool
-    from cluster.worker import ShardWorker
+    from deepvis.cluster.pool import ShardPool
+    from deepvis.cluster.worker import ShardWorker
 
     started = time.time()
     store = open_store(cfg.out, cfg.endpoint_url)
@@ -268,7 +268,7 @@ def _finished_records(store: Store, shards: list[dict]) -> dict[str, dict]:
 
 def _merge_dataset(store: Store, plan: Plan) -> dict:
     """Merge the dataset shards' partial states, per layer (exact: order does not matter)."""
-    from tasks.topk import RunningTopK
+    from deepvis.tasks.topk import RunningTopK
 
     merged: dict = {}
     for s in plan.data_shards:
@@ -408,7 +408,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
 
 def _publish_viewer(store: Store) -> None:
     try:
-        from atlas_viewer.publish import publish
+        from deepvis.atlas_viewer.publish import publish
     except ImportError:
         return  # the viewer is not part of this version yet
     publish(store)

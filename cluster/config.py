@@ -6,7 +6,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, fields
 
-from tasks.errors import UserError
+from deepvis.tasks.errors import UserError
 
 
 @dataclass

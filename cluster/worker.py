@@ -7,14 +7,14 @@ import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from storage import layout
+from deepvis.storage import layout
 
 
 class ShardWorker:
     def __init__(self, model: str, weights: str | None, store, device: str | None, threads: int,
                  dataset: str | None = None, presets_file: str | None = None, endpoint_url: str | None = None):
         import torch
-        from tasks.models import load_model
+        from deepvis.tasks.models import load_model
 
         if threads:
             torch.set_num_threads(threads)  # fixed per actor: CPU results must not depend on the pool size
@@ -48,9 +48,9 @@ class ShardWorker:
 
     # ---------------------------------------------------------------- optimization pass
     def _optimize(self, shard: dict) -> dict:
-        from tasks.modern import is_modern
-        from tasks.optimize import get_preset, load_presets, optimize_units, result_image
-        from tasks.quality import measure
+        from deepvis.tasks.modern import is_modern
+        from deepvis.tasks.optimize import get_preset, load_presets, optimize_units, result_image
+        from deepvis.tasks.quality import measure
 
         extra = load_presets(self.presets_file) if self.presets_file else {}
         presets = [extra[n] if n in extra else get_preset(n) for n in shard["presets"]]
@@ -79,10 +79,10 @@ class ShardWorker:
     # ---------------------------------------------------------------- dataset pass
     def _dataset(self, shard: dict) -> dict:
         import torch
-        from storage.datasets import BadImage, dataset_root, read_image
-        from tasks.activations import batch_unit_maxima
-        from tasks.preprocess import preprocess
-        from tasks.topk import RunningTopK
+        from deepvis.storage.datasets import BadImage, dataset_root, read_image
+        from deepvis.tasks.activations import batch_unit_maxima
+        from deepvis.tasks.preprocess import preprocess
+        from deepvis.tasks.topk import RunningTopK
 
         root = dataset_root(self.dataset)
         pre = self.lm.preprocessing
@@ -126,9 +126,9 @@ class ShardWorker:
 
     # ---------------------------------------------------------------- receptive-field crops
     def _crops(self, shard: dict) -> dict:
-        from storage.datasets import BadImage, dataset_root, read_image
-        from tasks.preprocess import crop_input
-        from tasks.receptive import receptive_boxes
+        from deepvis.storage.datasets import BadImage, dataset_root, read_image
+        from deepvis.tasks.preprocess import crop_input
+        from deepvis.tasks.receptive import receptive_boxes
 
         layer, entries = shard["layer"], shard["entries"]
         positions = sorted({(e["y"], e["x"]) for e in entries})

@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from tasks.param import correlate
-    from tasks.preprocess import crop_input
-    from tasks.quality import hf_fraction
+    from deepvis.tasks.param import correlate
+    from deepvis.tasks.preprocess import crop_input
+    from deepvis.tasks.quality import hf_fraction
 
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "shared" / "datasets" / "imagenet-sample"
     files = sorted(folder.rglob("*.JPEG"))

@@ -1,9 +1,9 @@
 """Read side of an atlas: `Atlas.open(uri).top_images(layer, unit, k)`."""
 from __future__ import annotations
 
-from storage import layout
-from storage.errors import StoreError
-from storage.store import Store, open_store
+from deepvis.storage import layout
+from deepvis.storage.errors import StoreError
+from deepvis.storage.store import Store, open_store
 
 
 class Atlas:

@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from storage.errors import StoreError
+from deepvis.storage.errors import StoreError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 89_478_485          # PIL's own decompression-bomb threshold
@@ -78,7 +78,7 @@ def _s3(root: str, endpoint_url: str | None = None):
     """One S3Store per (prefix, endpoint) and process (a worker reads many images from it)."""
     key = (root, endpoint_url)
     if key not in _stores:
-        from storage.store import open_store
+        from deepvis.storage.store import open_store
         _stores[key] = open_store(root, endpoint_url)
     return _stores[key]
 

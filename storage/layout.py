@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import StoreError
-from storage.store import Store
+from deepvis.storage.errors import StoreError
+from deepvis.storage.store import Store
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

@@ -26,8 +26,8 @@ import re
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
-from storage.errors import StoreError
-from storage.store import Store, _check_key, content_type
+from deepvis.storage.errors import StoreError
+from deepvis.storage.base import Store, check_key, content_type
 
 MiB = 1024 * 1024
 _LOADER = None  # botocore's data loader, shared by the sessions of this process
@@ -208,7 +208,7 @@ class S3Store(Store):
         return self._transfer_config
 
     def _k(self, key: str) -> str:
-        return self._base + _check_key(key)
+        return self._base + check_key(key)
 
     # -- errors ----------------------------------------------------------------------------------
     def _error(self, e: BaseException, op: str, key: str | None = None) -> StoreError:

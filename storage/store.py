@@ -6,48 +6,12 @@ a reader sees the whole object or none (local: write to a temp file in the same 
 os.replace)."""
 from __future__ import annotations
 
-import mimetypes
 import os
 import tempfile
 from pathlib import Path
 
-from storage.errors import StoreError
-
-CONTENT_TYPES = {".json": "application/json", ".parquet": "application/vnd.apache.parquet",
-                 ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".html": "text/html",
-                 ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css",
-                 ".svg": "image/svg+xml", ".txt": "text/plain"}
-
-
-def content_type(key: str) -> str:
-    ext = os.path.splitext(key)[1].lower()
-    return CONTENT_TYPES.get(ext) or mimetypes.guess_type(key)[0] or "application/octet-stream"
-
-
-class Store:
-    """Interface. `uri` is the store's own address, printed to users (never holds credentials)."""
-    uri: str
-
-    def put(self, key: str, data: bytes) -> None: raise NotImplementedError
-    def get(self, key: str) -> bytes: raise NotImplementedError
-    def exists(self, key: str) -> bool: raise NotImplementedError
-    def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
-    def delete(self, key: str) -> None: raise NotImplementedError
-    def open(self, key: str):
-        """A seekable binary file object for reading (Parquet readers fetch only the row groups
-        they need). KeyError when missing."""
-        raise NotImplementedError
-
-    def get_or_none(self, key: str) -> bytes | None:
-        try:
-            return self.get(key)
-        except KeyError:
-            return None
-
-    def local_path(self, key: str) -> str | None:
-        """A filesystem path for the key when the store is local (for viewers), else None."""
-        return None
-
+from deepvis.storage.base import Store, check_key  # noqa: F401 (Store: the interface, re-exported)
+from deepvis.storage.errors import StoreError
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -56,13 +20,6 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
-
-
-def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"invalid store key {key!r}")
-    return key
 
 
 class LocalStore(Store):
@@ -77,7 +34,7 @@ class LocalStore(Store):
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        return self.root / check_key(key)
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -148,7 +105,7 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
     uri = str(uri)
     if uri.startswith("s3://"):
         try:
-            from storage.s3 import S3Store
+            from deepvis.storage.s3 import S3Store
         except ModuleNotFoundError:
             raise StoreError("S3 stores are not available in this version; use a local directory") from None
         return S3Store.from_uri(uri, endpoint_url=endpoint_url)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.hooks import as_module, hooked
+from deepvis.tasks.hooks import as_module, hooked
 
 
 def spatial_max(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def layer_activations(model, layer: str, x: torch.Tensor) -> torch.Tensor:
     """The output of `layer` for one image x (3, H, W) or a batch of one (1, 3, H, W) -> (C, H, W)
     or (C,), on the CPU. `model` is an nn.Module or a tasks.models.LoadedModel. Unknown layer ->
     UserError (tasks.hooks.get_layer)."""
-    from tasks.hooks import as_module, hooked
+    from deepvis.tasks.hooks import as_module, hooked
 
     module = as_module(model)
     if x.dim() == 3:

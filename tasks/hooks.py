@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tasks.errors import UserError
+from deepvis.tasks.errors import UserError
 
 
 class _StopForward(Exception):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tasks.errors import UserError
-from tasks.hooks import get_layer
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.hooks import get_layer
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

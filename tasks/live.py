@@ -1,7 +1,7 @@
 """The compute behind `deepvis live`: one frame -> top-5 classes, one layer's tiled grid, one unit's
 map, and (on request) the gradient of a unit with respect to the frame (the toolbox's backprop view).
 
-Pure torch/numpy, no I/O and no HTTP: the server (cluster/cmd_live.py) decodes and encodes."""
+Pure torch/numpy, no I/O and no HTTP: the server (atlas_viewer/live/server.py) decodes and encodes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.errors import UserError
-from tasks.grid import grid_shape, normalize_layer, tile_grid
-from tasks.hooks import as_module, get_layer, hooked
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.grid import grid_shape, normalize_layer, tile_grid
+from deepvis.tasks.hooks import as_module, get_layer, hooked
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.errors import UserError
+from deepvis.tasks.errors import UserError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

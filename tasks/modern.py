@@ -7,7 +7,7 @@ tasks.optimize, from small pieces: a parameterization (tasks.param) -> transform
   maco   MaCo (Fel et al. 2023): phase-only Fourier with natural images' magnitude, a random crop and
          noise on every step, Adam; a transparency map (the accumulated |d objective / d pixel|, the
          attribution of the unit over the image) comes with the image
-Each image has its own seeds (start and transforms, from tasks.optimize.unit_seed), so an image
+Each image has its own seeds (start and transforms, from deepvis.tasks.optimize.unit_seed), so an image
 does not depend on the batch it is in. `diversity=n` makes n images per (unit, preset), pushed
 apart by the cosine similarity of their Gram matrices at a layer (Lucid's `diversity`)."""
 from __future__ import annotations
@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from tasks.errors import UserError
-from tasks.hooks import hooked
-from tasks.optimize import UnitResult, _check_model_device, _check_output, _model_dtype, history_steps, unit_seed
-from tasks.param import PARAMETERIZATIONS
-from tasks.preprocess import normalize
-from tasks.transforms import MACO, STANDARD
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.hooks import hooked
+from deepvis.tasks.units import UnitResult, check_model_device, check_output, history_steps, model_dtype, unit_seed
+from deepvis.tasks.param import PARAMETERIZATIONS
+from deepvis.tasks.preprocess import normalize
+from deepvis.tasks.transforms import MACO, STANDARD
 
 TRANSFORMS = {"none": None, "standard": STANDARD, "maco": MACO}
 DIVERSITY_WEIGHT = 10.0    # penalty per unit of mean Gram cosine similarity (Lucid's examples use 1e2 with
@@ -90,8 +90,8 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
     """One image per (unit, preset, diversity index); results unit-major, then preset, then index.
     The activation of a result is DESIGN.md's (max over h, w) on the final image, untransformed."""
     device = torch.device(device)
-    _check_model_device(model, device)
-    dtype = _model_dtype(model)
+    check_model_device(model, device)
+    dtype = model_dtype(model)
     S = int(size or preprocessing["crop"])
     diversity = max(1, int(diversity))
     div_layer = diversity_layer or layer
@@ -120,7 +120,7 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
                 img.retain_grad()
                 outs = run(normalize(tf(img, tgens) if tf is not None else img, preprocessing))
                 if t == 0:
-                    _check_output(outs[layer], layer, unit_idx)
+                    check_output(outs[layer], layer, unit_idx)
                 a = objective_mean(outs[layer], unit_idx)
                 loss = -a.sum()
                 if diversity > 1:
@@ -139,7 +139,7 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
                     opt.step()
             with torch.no_grad():
                 final = image_fn().detach()
-                from tasks.quality import unit_activation
+                from deepvis.tasks.quality import unit_activation
                 act = unit_activation(run(normalize(final, preprocessing))[layer], unit_idx).tolist()
         images = final.float().clamp(0, 1).cpu()
         alphas = _alpha(attribution) if attribution is not None else None

@@ -36,21 +36,22 @@ the same batch on the same machine is deterministic (CPU).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.errors import UserError
-from tasks.hooks import hooked
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.hooks import hooked
+# shared with tasks.modern; imported here too so callers find them beside optimize_units
+from deepvis.tasks.units import (UnitResult, check_model_device, check_output, history_steps,  # noqa: F401
+                                 model_dtype, unit_seed)
 
 NOISE_STD = 10.0          # start image: mean image + N(0, 10^2) in Caffe pixels (the toolbox's start)
-HISTORY_EVERY = 10        # UnitResult.history: activation at steps 0, 10, 20, ... and the last step
 LR_POLICIES = ("constant", "progress")
 PROGRESS_TARGET = 2.0     # "progress" policy: lr = min(cap, PROGRESS_TARGET / |g|^2)
 
@@ -114,7 +115,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 
 def all_presets() -> dict:
     """The built-in presets: the paper's four (Preset) and the modern ones (tasks.modern.ModernPreset)."""
-    from tasks.modern import MODERN_PRESETS
+    from deepvis.tasks.modern import MODERN_PRESETS
     return {**PRESETS, **MODERN_PRESETS}
 
 
@@ -274,13 +275,6 @@ def contrib_clip(x: torch.Tensor, g: torch.Tensor, pct) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ start image
 
-def unit_seed(model_name: str, layer: str, unit: int, preset: str) -> int:
-    """Stable seed of the start noise of one (model, layer, unit, preset): same on every machine,
-    process and batching (hashlib, not Python's randomized hash())."""
-    key = "\x1f".join((str(model_name), str(layer), str(int(unit)), str(preset))).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
-
-
 def start_image(seed: int, size: int, dtype=torch.float32) -> torch.Tensor:
     """Mean image (0 in Caffe space) + N(0, NOISE_STD^2), drawn on the CPU so every device starts
     from the same pixels. Shape (3, size, size)."""
@@ -341,27 +335,6 @@ def _apply_rows(x: torch.Tensor, rows: list[int], fn) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ optimization
 
-@dataclass
-class UnitResult:
-    unit: int
-    preset: str
-    image: torch.Tensor          # (3, S, S) float in [0, 1], CPU: the best iterate as displayable RGB
-    activation: float            # objective value of the best iterate
-    dead: bool                   # the gradient was zero on every step
-    history: list[float]         # activation at steps 0, 10, 20, ... and at the last step
-    steps: int
-    size: int
-    seed: int = 0                # the start-noise seed (unit_seed)
-    history_steps: list[int] = field(default_factory=list)   # the steps `history` was taken at
-    alpha: torch.Tensor | None = None   # (S, S) in [0, 1]: transparency (MaCo's attribution map)
-    index: int = 0                      # which of the `diversity` images of (unit, preset)
-
-
-def history_steps(steps: int) -> list[int]:
-    """The steps at which UnitResult.history records the activation."""
-    return sorted(set(range(0, steps, HISTORY_EVERY)) | {steps - 1})
-
-
 def objective(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """Per-image value to maximize: unit c's value at the spatial centre (H//2, W//2) for N x C x H x W
     outputs (as in the paper), the value itself for N x C outputs. out: (B, ...), units: (B,)."""
@@ -378,7 +351,7 @@ def optimize_units(model: nn.Module, preprocessing: dict, layer: str, units: lis
     """Every preset, the paper's (Preset: the loop below) and the modern ones (tasks.modern), for
     `units`; results unit-major, then in the order of `presets`, then by diversity index. diversity=n
     gives n images per (unit, modern preset); the paper's presets always give one."""
-    from tasks.modern import is_modern, optimize_modern
+    from deepvis.tasks.modern import is_modern, optimize_modern
 
     paper = [p for p in presets if not is_modern(p)]
     modern = [p for p in presets if is_modern(p)]
@@ -412,8 +385,8 @@ def _optimize_paper(model: nn.Module, preprocessing: dict, layer: str, units: li
         raise UserError(f"steps must be >= 1 (got {steps})")
     if size is not None and int(size) < 8:
         raise UserError(f"image size must be >= 8 pixels (got {size})")
-    _check_model_device(model, device)
-    S, B, dtype = int(size or preprocessing["crop"]), len(pairs), _model_dtype(model)
+    check_model_device(model, device)
+    S, B, dtype = int(size or preprocessing["crop"]), len(pairs), model_dtype(model)
     n_steps = [int(steps) if steps is not None else p.steps for _, p in pairs]
     seeds = [unit_seed(model_name, layer, u, p.name) for u, p in pairs]
     record_at = [set(history_steps(n)) for n in n_steps]
@@ -439,7 +412,7 @@ def _optimize_paper(model: nn.Module, preprocessing: dict, layer: str, units: li
                 xa = clip_range(take(x), lo, hi).requires_grad_(True)                     # 1.
                 out = run(xa * to_model)[layer]                                           # 2.
                 if t == 0:
-                    _check_output(out, layer, unit_idx)
+                    check_output(out, layer, unit_idx)
                 a = objective(out, take(unit_idx))
                 g = torch.autograd.grad(a.sum(), xa, allow_unused=True)[0] if a.requires_grad else None
                 xa, a = xa.detach(), a.detach()
@@ -500,7 +473,7 @@ def display_image(image: torch.Tensor, preprocessing: dict) -> torch.Tensor:
 def result_image(r: UnitResult, preprocessing: dict, stretch: bool):
     """A result as an 8-bit PIL image: contrast-stretched (display_image) when `stretch`, with its
     transparency map (MaCo's attribution) as the alpha channel when it has one."""
-    from tasks.preprocess import to_pil
+    from deepvis.tasks.preprocess import to_pil
 
     img = to_pil(display_image(r.image, preprocessing) if stretch else r.image)
     if r.alpha is not None:
@@ -511,29 +484,3 @@ def result_image(r: UnitResult, preprocessing: dict, stretch: bool):
 def _progress_bar(total: int, layer: str):
     from tqdm import tqdm
     return tqdm(total=total, desc=f"optimize {layer}", unit="step", disable=None, leave=False)
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _check_model_device(model: nn.Module, device: torch.device) -> None:
-    for p in model.parameters():
-        if p.device.type != device.type or (device.index is not None and p.device != device):
-            raise ValueError(f"the model is on {p.device} but device={device}; load it with "
-                             f"load_model(..., device={str(device)!r})")
-        return
-
-
-def _check_output(out, layer: str, units: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor) or out.dim() not in (2, 4):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"layer {layer!r} cannot be optimized: its output must be N x C or "
-                        f"N x C x H x W (got {shape})")
-    c = out.shape[1]
-    bad = sorted({u for u in units.tolist() if not 0 <= u < c})
-    if bad:
-        raise UserError(f"unit {bad[0]} out of range for layer {layer!r}: it has {c} units (0..{c - 1})")

@@ -31,7 +31,7 @@ def finite_mean(values) -> float:
 
 def hf_fraction(x01: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B,): the share of the grey image's spectral energy (mean removed) at |f| > HF_CUTOFF."""
-    from tasks.param import frequencies
+    from deepvis.tasks.param import frequencies
 
     grey = x01.double().mean(1)
     grey = grey - grey.mean(dim=(1, 2), keepdim=True)
@@ -44,7 +44,7 @@ def hf_fraction(x01: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def natural_hf_median() -> float:
-    from tasks.param import DATA
+    from deepvis.tasks.param import DATA
     with np.load(DATA / "natural_spectrum.npz") as z:
         return float(z["hf_fraction_median"])
 
@@ -60,7 +60,7 @@ def unit_activation(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
 def activations(run, layer: str, x01: torch.Tensor, units: torch.Tensor, preprocessing: dict) -> torch.Tensor:
     """unit_activation of images in [0, 1] (the model's own normalisation applied), through `run`
     (tasks.hooks.hooked)."""
-    from tasks.preprocess import normalize
+    from deepvis.tasks.preprocess import normalize
     return unit_activation(run(normalize(x01, preprocessing))[layer], units)
 
 
@@ -68,7 +68,7 @@ def activations(run, layer: str, x01: torch.Tensor, units: torch.Tensor, preproc
 def robustness(run, layer: str, x01: torch.Tensor, units: torch.Tensor, preprocessing: dict, gens, n: int = 8,
                base: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of activation(T(x)) / activation(x) over n random transforms (per-image generators)."""
-    from tasks.transforms import ROBUSTNESS
+    from deepvis.tasks.transforms import ROBUSTNESS
 
     base = activations(run, layer, x01, units, preprocessing) if base is None else base
     ratios = []
@@ -83,8 +83,8 @@ def measure(model, preprocessing: dict, layer: str, results, model_name: str, de
     """For optimization results (tasks.optimize.UnitResult, image in [0, 1]): {"act", "hf", "robust"}
     each: DESIGN.md's activation of the image, its high-frequency fraction relative to natural
     photos, and its robustness. The transforms are seeded per (unit, preset, index): batch-free."""
-    from tasks.hooks import as_module, hooked
-    from tasks.optimize import unit_seed
+    from deepvis.tasks.hooks import as_module, hooked
+    from deepvis.tasks.units import unit_seed
 
     if not results:
         return []

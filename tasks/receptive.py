@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tasks.hooks import as_module, hooked
+from deepvis.tasks.hooks import as_module, hooked
 
 
 @dataclass
@@ -285,7 +285,7 @@ def _cached_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap
         per_model = _cache.setdefault(module, {})
         maps = per_model.setdefault(key, {})
         if layer not in maps:
-            from tasks.layers import resolve_layers
+            from deepvis.tasks.layers import resolve_layers
             order = [i for i in resolve_layers(module, int(input_size), None, device=device)]
             names = [i.name for i in order]
             info = order[names.index(layer)] if layer in names else None

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.optimize import Preset, optimize_units
-from tasks.quality import finite, finite_mean, measure
+from deepvis.tasks.optimize import Preset, optimize_units
+from deepvis.tasks.quality import finite, finite_mean, measure
 
 
 def sample_presets(n: int, seed: int = 0, steps: int = 200) -> list[Preset]:
@@ -95,7 +95,7 @@ def tune(lm, layer: str, units: list[int], presets: list[Preset], *, size: int, 
 @torch.no_grad()
 def dataset_top(lm, layer: str, units: list[int], images, device="cpu", batch: int = 32) -> dict[int, float]:
     """unit -> its highest activation (DESIGN.md) over the given preprocessed images (iterable of (3, H, W))."""
-    from tasks.hooks import hooked
+    from deepvis.tasks.hooks import hooked
     best = {u: float("-inf") for u in units}
     idx = torch.tensor(units)
     buf = []

@@ -28,7 +28,7 @@ def sample_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def lite0():
-    from tasks.models import load_model
+    from deepvis.tasks.models import load_model
     return load_model("efficientnet_lite0")
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage import layout
-from storage.store import LocalStore
+from deepvis.storage import layout
+from deepvis.storage.store import LocalStore
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
@@ -155,7 +155,7 @@ class Served:
 
 
 def serve(store) -> Served:
-    from cluster.cmd_serve import make_server
+    from deepvis.atlas_viewer.server import make_server
     server = make_server(store, "127.0.0.1", 0)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
@@ -165,7 +165,7 @@ def serve(store) -> Served:
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """The synthetic atlas (1,024-unit layer), published (viewer + data)."""
-    from atlas_viewer.publish import publish
+    from deepvis.atlas_viewer.publish import publish
     facts = make_synthetic_atlas(tmp_path_factory.mktemp("synthetic") / "atlas")
     t0 = time.perf_counter()
     facts["model_json"] = publish(facts["store"])
@@ -192,9 +192,9 @@ def real_atlas(ray_cluster, sample_dir, tmp_path_factory):
     viewer's and `deepvis live`'s browser tests."""
     import shutil
 
-    from atlas_viewer.publish import publish
-    from cluster.build import run_build
-    from cluster.config import BuildConfig
+    from deepvis.atlas_viewer.publish import publish
+    from deepvis.cluster.build import run_build
+    from deepvis.cluster.config import BuildConfig
 
     base = tmp_path_factory.mktemp("real")
     ds = base / "dataset"

@@ -20,8 +20,8 @@ LAYER = REAL_LAYERS[0]      # _blocks.1: 24 x 56 x 56
 
 def confident_photos(sample_dir, lm, n=2, scan=60):
     """n sample photos of different classes that the offline model gets right with p > 0.7."""
-    from tasks.models import imagenet_wnids
-    from tasks.preprocess import crop_input, preprocess
+    from deepvis.tasks.models import imagenet_wnids
+    from deepvis.tasks.preprocess import crop_input, preprocess
     wnids = imagenet_wnids()
     picked = []
     for d in sorted(p for p in sample_dir.iterdir() if p.is_dir())[:scan]:
@@ -54,7 +54,7 @@ def write_y4m(path, frames, fps=10):
 @pytest.fixture
 def live_server(real_atlas):
     """`deepvis live` as users start it, on a free port, joined to the real atlas."""
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "live", "--model", "efficientnet_lite0",
+    proc = subprocess.Popen([sys.executable, "-m", "deepvis.cli", "live", "--model", "efficientnet_lite0",
                              "--atlas", str(real_atlas["root"]), "--layer", LAYER, "--port", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, lines = None, []

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from atlas_viewer import publish as pub
-from storage import layout
-from storage.store import LocalStore
+from deepvis.atlas_viewer import publish as pub
+from deepvis.storage import layout
+from deepvis.storage.store import LocalStore
 
 from tests.atlas_viewer.conftest import BIG, MID, OUT, XSS_FILE, XSS_LABEL, XSS_LAYER, ROOT, make_synthetic_atlas
 
@@ -156,7 +156,7 @@ def test_republish_removes_stale_sheets_and_damaged_png_is_missing(tmp_path):
 
 def test_publish_does_not_import_torch(tmp_path):
     facts = make_synthetic_atlas(tmp_path / "a", big_units=3, topk=False)
-    code = ("import sys; from atlas_viewer.publish import publish; from storage.store import LocalStore; "
+    code = ("import sys; from deepvis.atlas_viewer.publish import publish; from deepvis.storage.store import LocalStore; "
             f"publish(LocalStore({str(facts['root'])!r})); "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

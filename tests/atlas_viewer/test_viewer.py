@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage import layout
+from deepvis.storage import layout
 from tests.atlas_viewer.conftest import (ARTIFACTS, BIG, MID, MISSING_UNIT, OUT, REAL_LAYERS, XSS_FILE, XSS_LABEL,
                                          XSS_LAYER, screenshot, serve)
 
@@ -197,7 +197,7 @@ def test_phone_width(browser, synthetic_server):
 
 def test_optimization_only_and_dataset_only_atlases(page, tmp_path):
     """Atlases without index/topk.parquet / without presets still browse, nothing broken."""
-    from atlas_viewer.publish import publish
+    from deepvis.atlas_viewer.publish import publish
     from tests.atlas_viewer.conftest import make_synthetic_atlas
     opt_only = make_synthetic_atlas(tmp_path / "opt", big_units=20, topk=False)
     (tmp_path / "opt" / layout.UNITS).unlink()
@@ -236,7 +236,7 @@ def test_modern_presets_quality_and_diversity(page, tmp_path):
 
     from PIL import Image
 
-    from atlas_viewer.publish import publish
+    from deepvis.atlas_viewer.publish import publish
     from tests.atlas_viewer.conftest import make_synthetic_atlas
     facts = make_synthetic_atlas(tmp_path / "a", big_units=8, presets=["yosinski-3", "maco"])
     store = facts["store"]

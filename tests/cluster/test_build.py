@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.build import run_build
-from cluster.config import BuildConfig
-from storage import layout
+from deepvis.cluster.build import run_build
+from deepvis.cluster.config import BuildConfig
+from deepvis.storage import layout
 
 LAYERS = ["_blocks.1", "_fc"]
 UNITS = [0, 1, 2, 3, 4, 5]
@@ -126,7 +126,7 @@ def test_killed_actor_shard_is_redone(reference, small_dataset, tmp_path):
 
 
 def test_interrupted_build_resumes_only_unfinished(small_dataset, tmp_path):
-    args = [sys.executable, "-m", "cluster.cli", "build", "--layers", ",".join(LAYERS), "--units", "0:6",
+    args = [sys.executable, "-m", "deepvis.cli", "build", "--layers", ",".join(LAYERS), "--units", "0:6",
             "--presets", "yosinski-3", "--steps", "40", "--size", "48", "--shard-units", "1",
             "--dataset", small_dataset, "--shard-images", "10", "--batch-size", "10", "--k", "3",
             "--out", str(tmp_path), "--no-progress", "--actors", "2"]
@@ -167,7 +167,7 @@ def test_interrupted_build_resumes_only_unfinished(small_dataset, tmp_path):
 def test_bad_input_fails_before_work(extra, msg, tmp_path):
     out = tmp_path / "atlas"
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "build", "--out", str(out), "--no-progress"] + extra,
+    r = subprocess.run([sys.executable, "-m", "deepvis.cli", "build", "--out", str(out), "--no-progress"] + extra,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -177,7 +177,7 @@ def test_bad_input_fails_before_work(extra, msg, tmp_path):
 
 
 def test_config_file_rejects_unknown_keys(tmp_path):
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
     p = tmp_path / "b.toml"
     p.write_text('model = "efficientnet_lite0"\nstepz = 3\n')
     with pytest.raises(UserError, match="unknown key.*stepz"):
@@ -192,8 +192,8 @@ def test_actor_layout_per_node(monkeypatch):
     inflate it); `--device cuda` asks for GPU actors before any GPU node is up; CPU: one per core."""
     import ray
 
-    from cluster.build import actor_layout
-    from cluster.config import BuildConfig
+    from deepvis.cluster.build import actor_layout
+    from deepvis.cluster.config import BuildConfig
 
     nodes = [{"Alive": True, "Resources": {"CPU": 16.0}},                       # head, no GPU
              {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from cluster.build import run_build
-from cluster.config import BuildConfig
+from deepvis.cluster.build import run_build
+from deepvis.cluster.config import BuildConfig
 from tests.s3server import SeaweedServer, s3_server_fixture
 
 ARGS = dict(layers="_blocks.1,_fc", units="0:4", presets="yosinski-3", steps=8, size=32, shard_units=2,
@@ -31,7 +31,7 @@ def dataset(sample_dir, tmp_path_factory) -> str:
 
 
 def cli(*args, env: dict, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "deepvis.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **env}, **kw)
 
 
@@ -103,7 +103,7 @@ def test_server_stopped_mid_build_then_resumed(dataset, tmp_path, monkeypatch):
         args = build_args(dataset, uri, server.endpoint_url)
         args[args.index("--steps") + 1] = "30"
         args[args.index("--shard-units") + 1] = "1"
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "deepvis.cli", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
         c = server.client()
         deadline = time.time() + 240
@@ -124,7 +124,7 @@ def test_server_stopped_mid_build_then_resumed(dataset, tmp_path, monkeypatch):
         assert "skipped (already finished)" in r.stdout and " 0 skipped (already" not in r.stdout
         # every unit exactly once
         import pyarrow.parquet as pq
-        from storage.s3 import S3Store
+        from deepvis.storage.s3 import S3Store
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         store = S3Store.from_uri(uri, endpoint_url=server.endpoint_url)

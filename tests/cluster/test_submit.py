@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from storage import layout
+from deepvis.storage import layout
 from tests.conftest import ROOT
 from tests.s3server import free_ports
 
@@ -155,7 +155,7 @@ CLUSTER_ENV: dict = {}   # the running MultiNode's environment (its token), for 
 
 
 def submit(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", "submit", *args], cwd=ROOT, text=True,
+    return subprocess.run([sys.executable, "-m", "deepvis.cli", "submit", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout, env=CLUSTER_ENV or None)
 
 
@@ -205,9 +205,9 @@ def test_submit_build_and_survive_a_lost_node(cluster, dataset, tmp_path, ray_cl
     assert len(m["build"]["actors"]) == 2 and nodes == {n["node_id"] for n in cluster.nodes()}  # one per node
 
     # the reference: the same build on this process's own local Ray cluster
-    from cluster.build import run_build
-    from cluster.cli import build_parser
-    from cluster.cmd_build import config_from_args
+    from deepvis.cluster.build import run_build
+    from deepvis.cli import build_parser
+    from deepvis.cli.build import config_from_args
     ref = tmp_path / "reference"
     run_build(config_from_args(build_parser().parse_args(build_args(dataset, ref))))
     same_atlas(out, ref)

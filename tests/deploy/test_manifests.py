@@ -35,8 +35,8 @@ def test_every_yaml_parses():
 
 
 def test_rayjob_entrypoint_is_a_valid_build():
-    from cluster.cli import build_parser
-    from cluster.cmd_build import config_from_args
+    from deepvis.cli import build_parser
+    from deepvis.cli.build import config_from_args
 
     (job,) = [d for d in docs(DEPLOY / "kuberay" / "rayjob.yaml") if d["kind"] == "RayJob"]
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -51,7 +51,7 @@ def test_rayjob_entrypoint_is_a_valid_build():
 
 def test_a_bad_entrypoint_would_be_caught():
     """The check above can fail: a misspelt flag is refused by the same parser."""
-    from cluster.cli import build_parser
+    from deepvis.cli import build_parser
     with pytest.raises(SystemExit):
         build_parser().parse_args(shlex.split("build --modle torchvision:googlenet --out s3://b/a"))
 
@@ -107,7 +107,7 @@ def test_aws_launcher():
 def test_readme_command_lines_parse():
     """Every `deepvis ...` line in README's code blocks is valid for the CLI's parser (submit's
     command after `--` included)."""
-    from cluster.cli import build_parser
+    from deepvis.cli import build_parser
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
     lines, checked = [], 0

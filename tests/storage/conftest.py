@@ -51,5 +51,5 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture
 def s3_store(s3_env):
     """An S3Store on the session server under a prefix of its own."""
-    from storage.s3 import S3Store
+    from deepvis.storage.s3 import S3Store
     return S3Store(s3_env.bucket, f"t/{uuid.uuid4().hex[:12]}", endpoint_url=s3_env.endpoint_url)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.datasets import BadImage, dataset_root, list_images, read_image
-from storage.errors import StoreError
+from deepvis.storage.datasets import BadImage, dataset_root, list_images, read_image
+from deepvis.storage.errors import StoreError
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "imagenet-sample")
 

@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.errors import StoreError
-from storage.s3 import S3ReadFile, S3Store, parse_s3_uri
-from storage.store import content_type, open_store
+from deepvis.storage.errors import StoreError
+from deepvis.storage.s3 import S3ReadFile, S3Store, parse_s3_uri
+from deepvis.storage.base import content_type
+from deepvis.storage.store import open_store
 from tests.s3server import free_ports
 
 

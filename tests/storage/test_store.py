@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from storage.errors import StoreError
-from storage.store import LocalStore, Store, content_type, open_store
+from deepvis.storage.errors import StoreError
+from deepvis.storage.base import content_type
+from deepvis.storage.store import LocalStore, Store, open_store
 
 KEYS = ["manifest.json", "index/topk.parquet", "index/units.parquet",
         "units/features.3/0/top-0.jpg", "units/features.3/0/yosinski-3.png",
@@ -25,7 +26,7 @@ def store(request, tmp_path) -> Store:
     if request.param == "local":
         return LocalStore(tmp_path / "atlas")
     s3 = request.getfixturevalue("s3_env")
-    from storage.s3 import S3Store
+    from deepvis.storage.s3 import S3Store
     return S3Store(s3.bucket, f"contract/{uuid.uuid4().hex[:12]}", endpoint_url=s3.endpoint_url)
 
 

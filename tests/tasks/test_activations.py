@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.activations import batch_unit_maxima, spatial_max
-from tasks.errors import UserError
+from deepvis.tasks.activations import batch_unit_maxima, spatial_max
+from deepvis.tasks.errors import UserError
 
 
 class Probe(nn.Module):
@@ -108,13 +108,13 @@ def test_bad_shapes():
 
 
 def test_efficientnet_matches_full_maps():
-    from tasks.models import load_model
+    from deepvis.tasks.models import load_model
 
     lm = load_model("efficientnet_lite0")
     torch.manual_seed(0)
     x = torch.randn(2, 3, 96, 96)
     layers = ["_conv_stem", "_blocks.0._depthwise_conv", "_blocks.5", "_conv_head", "_fc"]
-    from tasks.hooks import hooked
+    from deepvis.tasks.hooks import hooked
     with torch.no_grad(), hooked(lm.module, layers) as run:
         full = {k: v.clone() for k, v in run(x).items()}
     out = batch_unit_maxima(lm, layers, x)                   # a LoadedModel works too
@@ -133,8 +133,8 @@ def test_to_model_input_is_bit_identical_to_preprocess():
     import numpy as np
     from PIL import Image
 
-    from tasks.activations import to_model_input
-    from tasks.preprocess import crop_input, preprocess
+    from deepvis.tasks.activations import to_model_input
+    from deepvis.tasks.preprocess import crop_input, preprocess
 
     rng = np.random.default_rng(0)
     pre = {"resize": 40, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],

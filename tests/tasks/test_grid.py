@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.grid import SEPARATOR, grid_shape, layer_activations, tile_grid
+from deepvis.tasks.grid import SEPARATOR, grid_shape, layer_activations, tile_grid
 
 
 def _const_channels(c, h, w):
@@ -104,7 +104,7 @@ def test_bad_shapes():
 
 
 def test_layer_activations_match_forward_hook(lite0, sample_dir):
-    from tasks.preprocess import preprocess
+    from deepvis.tasks.preprocess import preprocess
 
     img = Image.open(next(iter(sorted(sample_dir.rglob("*.JPEG"))))).convert("RGB")
     x = preprocess(img, lite0.preprocessing)
@@ -132,7 +132,7 @@ def _images(sample_dir, n=2):
 
 @pytest.fixture
 def cli():
-    import cluster.cli as cli_mod
+    import deepvis.cli as cli_mod
     assert "activations" in cli_mod.COMMANDS  # listed in `deepvis --help`
     return cli_mod.main
 
@@ -154,8 +154,8 @@ def test_cli_image_file_and_folder(cli, sample_dir, tmp_path, capsys):
         assert im.size == _size(40, 28, 28, scale=2) == (7 * 56 + 6, 6 * 56 + 5)
         written = np.asarray(im)
     # the PNG is exactly the grid of the layer's output for the preprocessed image
-    from tasks.models import load_model
-    from tasks.preprocess import preprocess
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.preprocess import preprocess
     lm = load_model("efficientnet_lite0")
     with Image.open(a) as src:
         acts = layer_activations(lm.module, "_blocks.3", preprocess(src.convert("RGB"), lm.preprocessing))
@@ -178,7 +178,7 @@ def test_cli_image_file_and_folder(cli, sample_dir, tmp_path, capsys):
     # linear layer via run() with our own argparse
     import argparse
 
-    from cluster.cmd_activations import add_parser, run
+    from deepvis.cli.activations import add_parser, run
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["activations", "--model", "efficientnet_lite0", str(a), "--layer", "_fc",
@@ -239,7 +239,7 @@ def _write_video(path, frames, codec="png", pix_fmt="rgb24", fps=5, bit_rate=Non
 def test_cli_video_frames(cli, sample_dir, tmp_path, capsys, lite0):
     """A lossless video (PNG in .mov) of three real photos: one PNG per frame, each exactly the grid of
     its photo; a lossy MPEG-4 .mp4 decodes to as many frames with grids close to the photos'."""
-    from tasks.preprocess import crop_input, preprocess
+    from deepvis.tasks.preprocess import crop_input, preprocess
     photos = []
     for f in _images(sample_dir, 3):
         with Image.open(f) as im:

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.errors import UserError
-from tasks.hooks import hooked
-from tasks.layers import resolve_layers
-from tasks.models import load_model
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.hooks import hooked
+from deepvis.tasks.layers import resolve_layers
+from deepvis.tasks.models import load_model
 
 
 def _forward_order_reference(model, input_size):

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.errors import UserError
-from tasks.grid import layer_activations, normalize_layer, tile_grid
-from tasks.live import LiveModel, gradient_image
-from tasks.preprocess import preprocess
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.grid import layer_activations, normalize_layer, tile_grid
+from deepvis.tasks.live import LiveModel, gradient_image
+from deepvis.tasks.preprocess import preprocess
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.errors import UserError
-from tasks.models import imagenet_labels, imagenet_wnids, load_model
-from tasks.preprocess import preprocess
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.models import imagenet_labels, imagenet_wnids, load_model
+from deepvis.tasks.preprocess import preprocess
 
 
 def test_labels_match_shared_tsv():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.modern import MODERN_PRESETS, gram_similarity, optimize_modern
-from tasks.optimize import PRESETS, all_presets, get_preset, optimize_units
-from tasks.quality import measure
+from deepvis.tasks.modern import MODERN_PRESETS, gram_similarity, optimize_modern
+from deepvis.tasks.optimize import PRESETS, all_presets, get_preset, optimize_units
+from deepvis.tasks.quality import measure
 from tests.tasks.test_optimize import CLASSES, DATASET, _dataset_logits
 
 LUCID, MACO = MODERN_PRESETS["lucid"], MODERN_PRESETS["maco"]
@@ -59,7 +59,7 @@ def test_diversity_makes_the_images_of_a_unit_differ(lite0):
     kw = dict(model_name="m", steps=24, size=48)
     plain = optimize_modern(lite0.module, lite0.preprocessing, "_blocks.5", [4], [LUCID], diversity=3,
                             **kw)
-    import tasks.modern as M
+    import deepvis.tasks.modern as M
     weight = M.DIVERSITY_WEIGHT
     try:
         M.DIVERSITY_WEIGHT = 0.0
@@ -67,8 +67,8 @@ def test_diversity_makes_the_images_of_a_unit_differ(lite0):
     finally:
         M.DIVERSITY_WEIGHT = weight
     assert [r.index for r in plain] == [0, 1, 2]
-    from tasks.hooks import hooked
-    from tasks.preprocess import normalize
+    from deepvis.tasks.hooks import hooked
+    from deepvis.tasks.preprocess import normalize
 
     def sim(rs):
         x = torch.stack([normalize(r.image, lite0.preprocessing) for r in rs])
@@ -78,8 +78,8 @@ def test_diversity_makes_the_images_of_a_unit_differ(lite0):
 
 
 def test_measure_matches_direct_computation(lite0):
-    from tasks.grid import layer_activations
-    from tasks.preprocess import normalize
+    from deepvis.tasks.grid import layer_activations
+    from deepvis.tasks.preprocess import normalize
     res = optimize_units(lite0.module, lite0.preprocessing, "_blocks.3", [1, 2], [PRESETS["yosinski-3"], LUCID],
                          model_name="m", steps=5, size=48)
     q = measure(lite0.module, lite0.preprocessing, "_blocks.3", res, "m")
@@ -93,7 +93,7 @@ def test_measure_matches_direct_computation(lite0):
 
 
 def test_finite_measures_skip_undefined():
-    from tasks.quality import finite, finite_mean
+    from deepvis.tasks.quality import finite, finite_mean
     nan, inf = float("nan"), float("inf")
     assert finite([1.0, nan, None, 3.0, inf, -inf, 0.0]) == [1.0, 3.0, 0.0]
     assert finite_mean([1.0, nan, None, 4.0]) == 2.5
@@ -105,8 +105,8 @@ def test_class_units_beat_the_dataset_and_lucid_maco_are_more_robust(lite0):
     """5 class units at 128 px, 256 steps each: every preset beats every dataset image on its class
     logit, and the lucid and maco images keep a higher mean class probability under random
     jitter/scale/rotation (tasks.transforms.ROBUSTNESS, 8 draws, fixed seeds) than yosinski-3's."""
-    from tasks.preprocess import normalize
-    from tasks.transforms import ROBUSTNESS
+    from deepvis.tasks.preprocess import normalize
+    from deepvis.tasks.transforms import ROBUSTNESS
     presets = [PRESETS["yosinski-3"], LUCID, MACO]
     res = optimize_units(lite0.module, lite0.preprocessing, "_fc", CLASSES, presets, model_name=lite0.name,
                          steps=256, size=128)
@@ -131,7 +131,7 @@ def test_class_units_beat_the_dataset_and_lucid_maco_are_more_robust(lite0):
 
 
 def test_tune_scores_and_ranks(lite0):
-    from tasks.tune import sample_presets, score, tune
+    from deepvis.tasks.tune import sample_presets, score, tune
     ps = sample_presets(5, seed=3, steps=6)
     assert ps == sample_presets(5, seed=3, steps=6) and ps != sample_presets(5, seed=4, steps=6)
     for p in ps:
@@ -155,7 +155,7 @@ def test_paper_progress_presets_beat_the_dataset_at_their_own_steps(lite0):
     yosinski-1/-2/-4 beat every photo on 35/25/30 of 40, yosinski-3, lucid and maco on all 40: a
     measured property of the CaffeNet-tuned presets on this model (README), which `deepvis compare`
     shows as ratio < 1."""
-    from tasks.preprocess import normalize
+    from deepvis.tasks.preprocess import normalize
     data = _dataset_logits(lite0)
     for name in ("yosinski-1", "yosinski-4"):
         res = optimize_units(lite0.module, lite0.preprocessing, "_fc", CLASSES, [PRESETS[name]],
@@ -173,7 +173,7 @@ def test_tune_splits_units_beyond_the_batch(lite0):
     with the same results (per-unit seeds) as one big batch."""
     from unittest import mock
 
-    import tasks.tune as tune_mod
+    import deepvis.tasks.tune as tune_mod
     ps = tune_mod.sample_presets(1, seed=5, steps=3)
     sizes = []
     real = tune_mod.optimize_units

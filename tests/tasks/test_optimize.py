@@ -18,12 +18,12 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
-from tasks.errors import UserError
-from tasks.models import load_model
-from tasks.optimize import (PRESETS, Hyper, Preset, UnitResult, blur, contrib_clip, decay, display_image,
+from deepvis.tasks.errors import UserError
+from deepvis.tasks.models import load_model
+from deepvis.tasks.optimize import (PRESETS, Hyper, Preset, UnitResult, blur, contrib_clip, decay, display_image,
                             get_preset, history_steps, load_presets, norm_clip, objective, optimize_units,
                             percentile, regularize, start_image, unit_seed)
-from tasks.preprocess import normalize, preprocess
+from deepvis.tasks.preprocess import normalize, preprocess
 
 MODEL = "efficientnet_lite0"
 DATASET = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "imagenet-sample"
@@ -505,7 +505,7 @@ def test_class_units_yosinski3_are_classified_and_beat_every_dataset_image(lm):
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_cli_writes_pngs_and_json(tmp_path, capsys):
-    from cluster.cli import main
+    from deepvis.cli import main
     out = tmp_path / "o"
     rc = main(["optimize", "--model", MODEL, "--layer", "_fc", "--unit", "967", "--preset", "all",
                "--steps", "12", "--size", "64", "--device", "cpu", "--out", str(out)])
@@ -513,7 +513,7 @@ def test_cli_writes_pngs_and_json(tmp_path, capsys):
     doc = json.loads((out / "result.json").read_text())
     assert (doc["model"], doc["layer"], doc["unit"], doc["steps"], doc["size"]) == (MODEL, "_fc", 967, 12, 64)
     assert doc["label"] == "espresso"
-    from tasks.optimize import all_presets
+    from deepvis.tasks.optimize import all_presets
     assert [p["name"] for p in doc["presets"]] == list(all_presets())     # the paper's four, lucid, maco
     for p in doc["presets"]:
         assert p["steps"] == 12 and p["dead"] is False
@@ -534,7 +534,7 @@ def test_cli_writes_pngs_and_json(tmp_path, capsys):
 
 
 def test_cli_presets_file_and_errors(tmp_path, capsys):
-    from cluster.cli import main
+    from deepvis.cli import main
     pf = tmp_path / "p.toml"
     pf.write_text('[soft]\nbase = "yosinski-3"\nblur_width = 2.0\n')
     out = tmp_path / "o"

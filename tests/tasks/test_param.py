@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import param as P
-from tasks import transforms as T
-from tasks.quality import HF_CUTOFF, hf_fraction, natural_hf_median, unit_activation
+from deepvis.tasks import param as P
+from deepvis.tasks import transforms as T
+from deepvis.tasks.quality import HF_CUTOFF, hf_fraction, natural_hf_median, unit_activation
 
 
 def gens(n, base=0):

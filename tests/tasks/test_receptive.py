@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tasks.receptive as receptive
-from tasks.receptive import receptive_boxes, receptive_field_maps
+import deepvis.tasks.receptive as receptive
+from deepvis.tasks.receptive import receptive_boxes, receptive_field_maps
 
 
 def interval(lo, hi, size):
@@ -152,7 +152,7 @@ def test_receptive_boxes_api_and_cache(monkeypatch):
 
 def real_gradient_box(module, layer, size, y, x, seeds=3):
     """Bounding box of nonzero input gradient of the real model (union over random inputs)."""
-    from tasks.hooks import hooked
+    from deepvis.tasks.hooks import hooked
     hit = torch.zeros(size, size, dtype=torch.bool)
     for s in range(seeds):
         torch.manual_seed(s)
@@ -166,7 +166,7 @@ def real_gradient_box(module, layer, size, y, x, seeds=3):
 
 
 def test_efficientnet_same_padding_and_depthwise_blocks():
-    from tasks.models import load_model
+    from deepvis.tasks.models import load_model
     lm = load_model("efficientnet_lite0")
     maps = receptive_field_maps(lm.module, ["_conv_stem", "_blocks.3"], 96)
     # TF 'same' padding on even inputs pads right/bottom only for stride 2; worked out by hand:
@@ -180,7 +180,7 @@ def test_efficientnet_same_padding_and_depthwise_blocks():
 
 
 def test_resnet_max_pool_is_covered():
-    from tasks.models import load_model
+    from deepvis.tasks.models import load_model
     lm = load_model("torchvision:resnet18", weights="none")
     maps = receptive_field_maps(lm.module, ["layer1.0"], 64)
     # conv1 k7 s2 p3, max pool k3 s2 p1, two k3 p1 convs (+ residual)

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 
-from tasks.topk import RunningTopK
+from deepvis.tasks.topk import RunningTopK
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "imagenet-sample")
 
@@ -220,10 +220,10 @@ def sample_pass():
     if not os.path.isdir(SAMPLE):
         pytest.skip("../shared/datasets/imagenet-sample is not there")
     torch = pytest.importorskip("torch")
-    from storage.datasets import dataset_root, list_images, read_image
-    from tasks.activations import batch_unit_maxima
-    from tasks.models import load_model
-    from tasks.preprocess import preprocess
+    from deepvis.storage.datasets import dataset_root, list_images, read_image
+    from deepvis.tasks.activations import batch_unit_maxima
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.preprocess import preprocess
 
     ids = list_images(SAMPLE)
     root = dataset_root(SAMPLE)

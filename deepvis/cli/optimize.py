@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from cluster.cmd_layers import add_model_args
+from deepvis.cli.layers import add_model_args
 
 
 def add_parser(sub):
@@ -43,7 +43,7 @@ def add_parser(sub):
 
 
 def _select_presets(spec: str, known: dict):
-    from tasks.optimize import get_preset
+    from deepvis.tasks.optimize import get_preset
 
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
@@ -54,16 +54,16 @@ def _select_presets(spec: str, known: dict):
 
 
 def raise_user(msg: str):
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
     raise UserError(msg)
 
 
 def run(args) -> int:
-    from cluster.args import resolve_device
-    from tasks.models import load_model
-    from tasks.modern import is_modern
-    from tasks.optimize import all_presets, load_presets, optimize_units, result_image
-    from tasks.quality import measure
+    from deepvis.cli.args import resolve_device
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.modern import is_modern
+    from deepvis.tasks.optimize import all_presets, load_presets, optimize_units, result_image
+    from deepvis.tasks.quality import measure
 
     known = dict(all_presets())
     if args.presets_file:

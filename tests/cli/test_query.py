@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.build import run_build
-from cluster.config import BuildConfig
-from storage.atlas import Atlas
-from tasks.preprocess import preprocess
+from deepvis.cluster.build import run_build
+from deepvis.cluster.config import BuildConfig
+from deepvis.storage.atlas import Atlas
+from deepvis.tasks.preprocess import preprocess
 
 LAYERS = ["_blocks.3", "_fc"]
 
@@ -74,7 +74,7 @@ def brute_rows(brute, images, layer, unit, kind, k):
 @pytest.mark.parametrize("kind", ["top", "bottom"])
 def test_query_cli_matches_brute_force(atlas, brute, images, layer, unit, kind):
     out, _ = atlas
-    args = [sys.executable, "-m", "cluster.cli", "query", str(out), "--layer", layer, "--unit", str(unit),
+    args = [sys.executable, "-m", "deepvis.cli", "query", str(out), "--layer", layer, "--unit", str(unit),
             "-k", "4", "--json"] + (["--bottom"] if kind == "bottom" else [])
     r = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -113,21 +113,21 @@ def test_one_shard_vs_four_identical_parquet(atlas, tmp_path):
 
 def test_reverse_query_by_image(atlas, images):
     out, _ = atlas
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "query", str(out), "--image", str(images[0]),
+    r = subprocess.run([sys.executable, "-m", "deepvis.cli", "query", str(out), "--image", str(images[0]),
                         "--layer", "_fc", "-k", "3", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert len(rows) == 3 and rows[0]["relative"] >= rows[1]["relative"] >= rows[2]["relative"]
     # the image is in the dataset, so its best unit reaches that unit's dataset maximum
     assert rows[0]["relative"] == pytest.approx(1.0, abs=1e-3) or rows[0]["relative"] > 0.5
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "query", str(out), "--image", "/no/such.jpg"],
+    bad = subprocess.run([sys.executable, "-m", "deepvis.cli", "query", str(out), "--image", "/no/such.jpg"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "cannot read image" in bad.stderr
 
 
 def test_status_reports_layers(atlas):
     out, _ = atlas
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "status", str(out), "--json"],
+    r = subprocess.run([sys.executable, "-m", "deepvis.cli", "status", str(out), "--json"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
@@ -140,7 +140,7 @@ def test_query_bad_input(atlas):
     out, _ = atlas
     for args, msg in ((["--layer", "nope", "--unit", "0"], "layer 'nope' is not in this atlas"),
                       (["--layer", "_fc", "--unit", "1000"], "unit 1000 out of range")):
-        r = subprocess.run([sys.executable, "-m", "cluster.cli", "query", str(out), *args],
+        r = subprocess.run([sys.executable, "-m", "deepvis.cli", "query", str(out), *args],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

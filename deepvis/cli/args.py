@@ -15,7 +15,7 @@ def resolve_device(spec: str | None) -> str:
     where there is none -> UserError (one line)."""
     import torch
 
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     if spec in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,4 @@
-"""`deepvis serve STORE`: browse an atlas locally. Serves a directory, or proxies any store
+"""The server of `deepvis serve STORE`: browse an atlas locally. Serves a directory, or proxies any store
 (s3://bucket/prefix) object by object through `store.get`, with the standard library's
 ThreadingHTTPServer. Read-only; binds 127.0.0.1 unless told otherwise.
 
@@ -15,30 +15,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from cluster.args import add_store_args
-from tasks.errors import UserError
+from deepvis.tasks.errors import UserError
+
 
 INDEX = "/viewer/index.html"
-
-
-def add_parser(sub):
-    p = sub.add_parser("serve", help="browse an atlas in a web browser (local HTTP server)",
-                       description="Serve the atlas at STORE (a directory, or s3://bucket/prefix proxied "
-                                   "object by object) with its static viewer, for local browsing: "
-                                   "open the printed URL. Nothing is written while serving; an atlas "
-                                   "without a viewer (built before the viewer existed) gets one first.")
-    add_store_args(p)
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the atlas "
-                        "to the network)")
-    p.add_argument("--open", action="store_true", help="open the viewer in the default web browser")
-    p.add_argument("--no-dataset", action="store_true",
-                   help="do not serve the dataset's source images under /dataset/")
-    p.add_argument("--publish", action="store_true",
-                   help="(re)write the viewer and its data into the atlas before serving")
-    p.add_argument("--verbose", "-v", action="store_true", help="log every request")
-    return p
 
 
 # ---------------------------------------------------------------- paths
@@ -68,7 +48,7 @@ class DatasetFiles:
         uri = ((manifest.get("dataset") or {}).get("uri")) or ""
         self.root = None
         if uri and "://" not in uri and os.path.exists(uri):
-            from storage.datasets import dataset_root
+            from deepvis.storage.datasets import dataset_root
             try:
                 self.root = os.path.abspath(dataset_root(uri))
             except Exception:
@@ -83,7 +63,7 @@ class DatasetFiles:
     def ids(self) -> set[str]:
         with self._lock:
             if self._ids is None:
-                from storage import layout
+                from deepvis.storage import layout
                 ids: set[str] = set()
                 if self.store.exists(layout.TOPK):
                     ids = set(layout.read_table(self.store, layout.TOPK, columns=["image"])
@@ -140,7 +120,7 @@ class AtlasHandler(BaseHTTPRequestHandler):
         self._send(status, f"{status.value} {status.phrase}\n".encode(), head=head)
 
     def _serve(self, head: bool):
-        from storage.store import content_type
+        from deepvis.storage.base import content_type
 
         if self.path.split("?", 1)[0].split("#", 1)[0] in ("/", "/viewer", "/viewer/"):
             return self._send(HTTPStatus.FOUND, head=head, extra={"Location": INDEX})
@@ -166,7 +146,7 @@ class AtlasHandler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, data, content_type(key), head=head)
 
     def _serve_dataset(self, image_id: str, head: bool):
-        from storage.store import content_type
+        from deepvis.storage.base import content_type
 
         path = self.dataset.path(image_id) if self.dataset is not None else None
         if path is None:
@@ -187,7 +167,7 @@ class AtlasHandler(BaseHTTPRequestHandler):
 def make_server(store, host: str = "127.0.0.1", port: int = 0, dataset: bool = True,
                 verbose: bool = False) -> ThreadingHTTPServer:
     """An HTTP server for the atlas in `store` (not started: call serve_forever)."""
-    from storage import layout
+    from deepvis.storage import layout
 
     manifest = layout.read_manifest(store)
     handler = type("Handler", (AtlasHandler,), {
@@ -196,30 +176,6 @@ def make_server(store, host: str = "127.0.0.1", port: int = 0, dataset: bool = T
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-
-def run(args) -> int:
-    from storage import layout
-    from storage.store import open_store
-
-    store = open_store(args.store, args.endpoint_url)
-    layout.read_manifest(store)  # a clear error when STORE holds no atlas
-    if args.publish or not store.exists("viewer/data/model.json") or not store.exists("viewer/index.html"):
-        from atlas_viewer.publish import publish
-        try:
-            publish(store)
-            print(f"wrote the viewer into the atlas ({store.uri}/viewer/)", flush=True)
-        except Exception as e:
-            raise UserError(f"the atlas has no viewer and it cannot be written there ({e}); "
-                            f"copy the atlas to a directory and serve that") from None
-    try:
-        server = make_server(store, args.host, args.port, dataset=not args.no_dataset, verbose=args.verbose)
-    except OSError as e:
-        raise listen_error(args.host, args.port, e) from None
-    url = server_url(server, INDEX)
-    print(f"serving the atlas {store.uri} at {url}", flush=True)
-    serve_until_interrupted(server, url, "browse the atlas", args.open)
-    return 0
 
 
 def listen_error(host: str, port: int, e: OSError) -> UserError:

@@ -25,8 +25,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from tasks.layers import resolve_layers
-    from tasks.models import load_model
+    from deepvis.tasks.layers import resolve_layers
+    from deepvis.tasks.models import load_model
 
     lm = load_model(args.model, args.weights)
     infos = resolve_layers(lm.module, lm.input_size, args.layers)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.args import add_store_args
+from deepvis.cli.args import add_store_args
 
 
 def add_parser(sub):
@@ -16,7 +16,7 @@ def add_parser(sub):
 
 
 def layer_status(store) -> tuple[dict, list[dict]]:
-    from storage import layout
+    from deepvis.storage import layout
 
     m = layout.read_manifest(store)
     rows = {l["name"]: {"layer": l["name"], "expected": len(l.get("selected") or range(l["units"])),
@@ -47,7 +47,7 @@ def layer_status(store) -> tuple[dict, list[dict]]:
 
 
 def run(args) -> int:
-    from storage.store import open_store
+    from deepvis.storage.store import open_store
 
     m, rows = layer_status(open_store(args.store, args.endpoint_url))
     if args.json:

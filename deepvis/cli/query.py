@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.args import add_store_args
+from deepvis.cli.args import add_store_args
 
 
 def add_parser(sub):
@@ -23,8 +23,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from storage.atlas import Atlas
-    from tasks.errors import UserError
+    from deepvis.storage.atlas import Atlas
+    from deepvis.tasks.errors import UserError
 
     atlas = Atlas.open(args.store, args.endpoint_url)
     if args.image:
@@ -52,10 +52,10 @@ def image_query(atlas, path: str, layer: str | None, k: int) -> list[dict]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from tasks.activations import batch_unit_maxima
-    from tasks.errors import UserError
-    from tasks.models import load_model
-    from tasks.preprocess import preprocess
+    from deepvis.tasks.activations import batch_unit_maxima
+    from deepvis.tasks.errors import UserError
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.preprocess import preprocess
 
     m = atlas.manifest["model"]
     layers = [layer] if layer else list(atlas.layers)

@@ -49,7 +49,7 @@ def add_parser(sub):
 
 
 def client(address: str | None):
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     if not address:
         raise UserError("no cluster address: pass --address http://HEAD:8265 (the head node's dashboard) "
@@ -84,7 +84,7 @@ def _use_token_if_present() -> None:
 
 
 def _job_call(fn, job_id: str):
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     try:
         return fn(job_id)
@@ -96,8 +96,8 @@ def _job_call(fn, job_id: str):
 
 def entrypoint(command: list[str], working_dir: str | None) -> str:
     """Validate the deepvis command with the CLI's own parser and turn it into a shell command line."""
-    from cluster.cli import build_parser
-    from tasks.errors import UserError
+    from deepvis.cli import build_parser
+    from deepvis.tasks.errors import UserError
 
     if not command:
         raise UserError("nothing to submit: put the deepvis command after `--`, e.g. "
@@ -116,12 +116,12 @@ def entrypoint(command: list[str], working_dir: str | None) -> str:
         if isinstance(v, str) and v and "://" not in v and not os.path.isabs(v):
             raise UserError(f"--{name} {v!r} is a relative path, which would be read on the cluster inside the "
                             f"job's temporary directory; use s3://bucket/prefix or an absolute path every node sees")
-    prog = ["python", "-m", "cluster.cli"] if working_dir else ["deepvis"]
+    prog = ["python", "-m", "deepvis.cli"] if working_dir else ["deepvis"]
     return shlex.join(prog + command)
 
 
 def _runtime_env(args) -> dict:
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     env = {"PYTHONUNBUFFERED": "1"}
     for kv in args.env:
@@ -175,7 +175,7 @@ def exit_code(info) -> int:
 
 
 def run(args) -> int:
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     if args.status or args.logs or args.stop:
         if args.job_command:

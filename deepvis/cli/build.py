@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from cluster.args import ENDPOINT_HELP
-from cluster.config import BuildConfig
+from deepvis.cli.args import ENDPOINT_HELP
+from deepvis.cluster.config import BuildConfig
 
 HELP = {
     "model": "model spec: efficientnet_lite0 (offline, default), torchvision:<name>, package.module:callable",
@@ -72,7 +72,7 @@ def print_summary(s: dict, out=sys.stdout) -> None:
 
 
 def run(args) -> int:
-    from cluster.build import run_build
+    from deepvis.cluster.build import run_build
 
     summary = run_build(config_from_args(args))
     print_summary(summary)

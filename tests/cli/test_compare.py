@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from storage import layout
-from storage.store import LocalStore
+from deepvis.storage import layout
+from deepvis.storage.store import LocalStore
 
 
 def _atlas(root, presets=("yosinski-3", "maco"), quality=True):
@@ -36,7 +36,7 @@ def _atlas(root, presets=("yosinski-3", "maco"), quality=True):
 
 
 def test_compare_numbers(tmp_path, capsys):
-    from cluster.cli import main
+    from deepvis.cli import main
     rows = _atlas(tmp_path / "a")
     assert main(["compare", str(tmp_path / "a"), "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
@@ -67,7 +67,7 @@ def _err(main, argv, capsys):
 
 
 def test_compare_errors(tmp_path, capsys):
-    from cluster.cli import main
+    from deepvis.cli import main
     assert "no atlas" in _err(main, ["compare", str(tmp_path / "none")], capsys)
     _atlas(tmp_path / "a")
     assert "'nope' is not in this atlas" in _err(main, ["compare", str(tmp_path / "a"), "--layer", "nope"], capsys)
@@ -78,8 +78,8 @@ def test_compare_errors(tmp_path, capsys):
 
 
 def test_tune_writes_loadable_presets(tmp_path, capsys, sample_dir):
-    from cluster.cli import main
-    from tasks.optimize import load_presets
+    from deepvis.cli import main
+    from deepvis.tasks.optimize import load_presets
     ds = tmp_path / "ds"
     ds.mkdir()
     import shutil
@@ -103,8 +103,8 @@ def test_tune_writes_loadable_presets(tmp_path, capsys, sample_dir):
     # the reference: each unit's max logit over the 12 images (brute force)
     import torch
 
-    from tasks.models import load_model
-    from tasks.preprocess import preprocess
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.preprocess import preprocess
     from PIL import Image
     lm = load_model("efficientnet_lite0")
     with torch.no_grad():

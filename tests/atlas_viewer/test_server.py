@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cluster.cmd_serve import parse_path
+from deepvis.atlas_viewer.server import parse_path
 from tests.atlas_viewer.conftest import MID, ROOT, XSS_FILE, make_synthetic_atlas, serve
 
 
@@ -21,7 +21,7 @@ def atlas(tmp_path_factory):
     facts = make_synthetic_atlas(base / "atlas", big_units=4)
     (base / "secret.txt").write_text("outside the atlas")
     (facts["dataset"].parent / "atlas-dataset-secret.txt").write_text("outside the dataset")
-    from atlas_viewer.publish import publish
+    from deepvis.atlas_viewer.publish import publish
     publish(facts["store"])
     return facts
 
@@ -112,7 +112,7 @@ def test_dataset_route_serves_indexed_images_only(server, atlas):
 def test_cli_serves_until_stopped(atlas, tmp_path):
     """`deepvis serve DIR --port 0` prints the URL of a free port and serves there."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(atlas["root"]), "--port", "0"],
+    p = subprocess.Popen([sys.executable, "-m", "deepvis.cli", "serve", str(atlas["root"]), "--port", "0"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
@@ -139,11 +139,11 @@ def test_cli_serves_until_stopped(atlas, tmp_path):
 
 
 def test_cli_publishes_a_viewer_when_absent_and_errors_without_atlas(tmp_path):
-    from cluster.cli import main
+    from deepvis.cli import main
     facts = make_synthetic_atlas(tmp_path / "bare", big_units=2, topk=False)
     assert not (facts["root"] / "viewer").exists()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", str(facts["root"]), "--port", "0"],
+    p = subprocess.Popen([sys.executable, "-m", "deepvis.cli", "serve", str(facts["root"]), "--port", "0"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         first = p.stdout.readline()
@@ -162,7 +162,7 @@ def test_cli_publishes_a_viewer_when_absent_and_errors_without_atlas(tmp_path):
 
 
 def test_cli_port_in_use_is_one_line(atlas, capsys):
-    from cluster.cli import main
+    from deepvis.cli import main
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -175,7 +175,7 @@ def test_cli_port_in_use_is_one_line(atlas, capsys):
 
 def test_cli_proxies_an_s3_atlas(atlas, tmp_path, monkeypatch):
     """`deepvis serve s3://bucket/prefix`: the viewer is published into the bucket, objects proxied."""
-    from storage.s3 import S3Store
+    from deepvis.storage.s3 import S3Store
     from tests.s3server import SeaweedNotFound, SeaweedServer
     try:
         s3 = SeaweedServer(tmp_path / "weed", bucket="atlas")
@@ -197,7 +197,7 @@ def test_cli_proxies_an_s3_atlas(atlas, tmp_path, monkeypatch):
             if f.is_file() and not rel.startswith("viewer/"):
                 store.put(rel, f.read_bytes())
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-        p = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "s3://atlas/runs/one", "--port", "0"],
+        p = subprocess.Popen([sys.executable, "-m", "deepvis.cli", "serve", "s3://atlas/runs/one", "--port", "0"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         lines = [p.stdout.readline(), p.stdout.readline()]
         assert "wrote the viewer" in lines[0] and "http://127.0.0.1:" in lines[1], \

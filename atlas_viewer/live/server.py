@@ -1,5 +1,5 @@
-"""`deepvis live --model M [--atlas STORE]`: the paper's live tool as a local web app. The page
-(atlas_viewer/live/) captures frames from the webcam, a local video or dropped images, posts each
+"""The server of `deepvis live --model M [--atlas STORE]`: the paper's live tool as a local web app.
+The page (index.html, live.js, live.css beside this file) captures frames from the webcam, a local video or dropped images, posts each
 to this server and shows the top-5 classes, one layer's tiled activation grid, the selected unit's
 map, its gradient with respect to the frame, and, when STORE is an atlas of the same model, the
 unit's optimized images and top-k crops.
@@ -29,44 +29,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from cluster.args import ENDPOINT_HELP
-
-PAGE_DIR = Path(__file__).resolve().parents[1] / "atlas_viewer" / "live"
+PAGE_DIR = Path(__file__).resolve().parent
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "live.js": "text/javascript; charset=utf-8",
               "live.css": "text/css; charset=utf-8"}
+
+
 MAX_PIXELS = 40_000_000       # a decoded frame larger than this is refused (decompression bombs)
+
+
 DRAIN_LIMIT = 256 << 20       # a too-large body up to this size is read and dropped, so the client
+
+
 #                               gets the 413; beyond it the connection is closed instead
 CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "
        "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'")
-
-
-def add_parser(sub):
-    from cluster.cmd_layers import add_model_args
-
-    p = sub.add_parser("live", help="live activations of webcam, video and images in the browser",
-                       description="Start a local web app that shows, live, what MODEL computes on "
-                                   "your webcam, a local video file or dropped images: the top-5 "
-                                   "classes, one layer's activations as a grid of per-channel tiles, "
-                                   "the selected unit's map and its gradient with respect to the frame. "
-                                   "With --atlas (an atlas of the same model) a clicked unit also shows "
-                                   "its optimized images and top dataset crops. Open the printed URL.")
-    p.add_argument("--model", required=True,
-                   help="model spec: efficientnet_lite0 (offline), torchvision:<name> or package.module:callable")
-    add_model_args(p)
-    p.add_argument("--atlas", default=None, help="an atlas of the same model (directory or s3://bucket/prefix)")
-    p.add_argument("--endpoint-url", default=None, help=ENDPOINT_HELP)
-    p.add_argument("--layer", default=None, help="the layer shown first (default: a middle layer)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; browsers allow the "
-                        "webcam only on localhost or https)")
-    p.add_argument("--port", type=int, default=8001, help="TCP port (default 8001; 0 picks a free one)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0,
-                   help="largest accepted frame or image upload, in MB (default 20)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    p.add_argument("--open", action="store_true", help="open the page in the default web browser")
-    p.add_argument("--verbose", "-v", action="store_true", help="log every request")
-    return p
 
 
 # ---------------------------------------------------------------- state shared by the handlers
@@ -97,8 +73,8 @@ class AtlasLink:
     """The optional atlas: which (layer, unit) it holds, and each unit's entry."""
 
     def __init__(self, store, model_name: str, weights: str | None):
-        from storage import layout
-        from storage.atlas import Atlas
+        from deepvis.storage import layout
+        from deepvis.storage.atlas import Atlas
 
         self.store = store
         self.atlas = Atlas(store, layout.read_manifest(store))
@@ -120,7 +96,7 @@ class AtlasLink:
                 "viewer": self.store.exists("viewer/index.html")}
 
     def entry(self, layer: str, unit: int) -> dict:
-        from storage import layout
+        from deepvis.storage import layout
 
         out = {"layer": layer, "unit": unit, "in_atlas": False, "presets": [], "top": [], "bottom": [],
                "reason": self.reason}
@@ -154,7 +130,7 @@ class Live:
     """Everything the handlers share: the model, its lock, the gate, the atlas link."""
 
     def __init__(self, lm, device, layers, default_layer: str, atlas: AtlasLink | None, max_bytes: int):
-        from tasks.live import LiveModel
+        from deepvis.tasks.live import LiveModel
 
         self.model = LiveModel(lm, device)
         self.lm = lm
@@ -266,8 +242,8 @@ class LiveHandler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, (PAGE_DIR / name).read_bytes(), PAGE_FILES[name], head, extra)
 
     def _atlas_object(self, path: str, head: bool):
-        from cluster.cmd_serve import parse_path
-        from storage.store import content_type
+        from deepvis.atlas_viewer.server import parse_path
+        from deepvis.storage.base import content_type
 
         if self.live.atlas is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, "no atlas: start with --atlas STORE")
@@ -361,7 +337,7 @@ class LiveHandler(BaseHTTPRequestHandler):
 
     def _input(self, q: dict, need_unit: bool):
         """Body + query -> (client, layer, unit, preprocessed tensor, decode ms)."""
-        from tasks.preprocess import preprocess
+        from deepvis.tasks.preprocess import preprocess
 
         data = self._body()
         layer, unit = self._layer_unit(q, need_unit)
@@ -370,7 +346,7 @@ class LiveHandler(BaseHTTPRequestHandler):
         return (q.get("client") or "")[:64], layer, unit, x, (time.perf_counter() - t0) * 1e3
 
     def _frame(self, q: dict):
-        from tasks.errors import UserError
+        from deepvis.tasks.errors import UserError
 
         try:
             client, layer, unit, x, decode_ms = self._input(q, need_unit=False)
@@ -401,7 +377,7 @@ class LiveHandler(BaseHTTPRequestHandler):
         self._json(body)
 
     def _gradient(self, q: dict):
-        from tasks.errors import UserError
+        from deepvis.tasks.errors import UserError
 
         try:
             _client, layer, unit, x, _ = self._input(q, need_unit=True)
@@ -444,8 +420,8 @@ def default_layer(layers) -> str:
 def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, layer: str | None = None,
                 max_bytes: int = 20_000_000, device: str = "cpu", verbose: bool = False) -> ThreadingHTTPServer:
     """The live server for a loaded model (not started: call serve_forever). Bad layer -> UserError."""
-    from tasks.errors import UserError
-    from tasks.layers import enumerate_layers
+    from deepvis.tasks.errors import UserError
+    from deepvis.tasks.layers import enumerate_layers
 
     layers = enumerate_layers(lm.module, lm.input_size, extra=[layer] if layer else None, device=device)
     if layer is not None and layer not in {l.name for l in layers}:
@@ -456,30 +432,3 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, la
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
-
-
-def run(args) -> int:
-    from cluster.args import resolve_device
-    from cluster.cmd_serve import listen_error, serve_until_interrupted, server_url
-    from storage.store import open_store
-    from tasks.errors import UserError
-    from tasks.models import load_model
-
-    if not args.max_upload_mb > 0:
-        raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    device = resolve_device(args.device)
-    store = open_store(args.atlas, args.endpoint_url) if args.atlas else None
-    lm = load_model(args.model, args.weights, device=device)
-    try:
-        server = make_server(lm, args.host, args.port, store, args.layer, int(args.max_upload_mb * 1e6),
-                             device, args.verbose)
-    except OSError as e:
-        raise listen_error(args.host, args.port, e) from None
-    live = server.RequestHandlerClass.live
-    url = server_url(server, "/")
-    print(f"live activations of {lm.name} on {device} at {url}", flush=True)
-    if live.atlas is not None:
-        print(f"atlas: {live.atlas.store.uri}" + (f" ({live.atlas.reason})" if live.atlas.reason else ""), flush=True)
-    serve_until_interrupted(server, url, "send frames; browsers allow the webcam only on localhost or https",
-                            args.open, stopped=lambda: f"stopped after {live.frames} frames")
-    return 0

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage import layout
-from storage.store import LocalStore
+from deepvis.storage import layout
+from deepvis.storage.store import LocalStore
 
 LAYER = "_blocks.3"
 
@@ -83,7 +83,7 @@ class Client:
 
 @pytest.fixture(scope="module")
 def served(lite0, tmp_path_factory):
-    from cluster.cmd_live import make_server
+    from deepvis.atlas_viewer.live.server import make_server
     store = _tiny_atlas(tmp_path_factory.mktemp("live") / "atlas")
     server = make_server(lite0, "127.0.0.1", 0, atlas_store=store, max_bytes=5_000_000)
     t = threading.Thread(target=server.serve_forever, daemon=True)
@@ -99,7 +99,7 @@ def _decode_data_url(url: str) -> np.ndarray:
 
 
 def test_model_and_page(served, lite0):
-    from tasks.layers import enumerate_layers
+    from deepvis.tasks.layers import enumerate_layers
     server, cl = served
     status, m = cl.json("GET", "/api/model")
     assert status == 200
@@ -110,13 +110,13 @@ def test_model_and_page(served, lite0):
     assert status == 200 and ctype.startswith("text/html") and b"/live/live.js" in page
     for f in ("live.js", "live.css"):
         assert cl.request("GET", f"/live/{f}")[0] == 200
-    assert cl.request("GET", "/live/../cmd_live.py")[0] == 404
+    assert cl.request("GET", "/live/../server.py")[0] == 404
     assert cl.request("GET", "/nothing")[0] == 404
 
 
 def test_frame_equals_direct_computation(served, lite0, coffee_jpeg):
-    from tasks.grid import layer_activations, tile_grid
-    from tasks.preprocess import preprocess
+    from deepvis.tasks.grid import layer_activations, tile_grid
+    from deepvis.tasks.preprocess import preprocess
     _, cl = served
     status, d = cl.json("POST", f"/api/frame?layer={LAYER}&unit=4&client=t", coffee_jpeg)
     assert status == 200
@@ -149,7 +149,7 @@ def test_atlas_entry_and_objects(served):
 
 
 def test_atlas_of_another_model_is_not_joined(lite0, tmp_path):
-    from cluster.cmd_live import AtlasLink
+    from deepvis.atlas_viewer.live.server import AtlasLink
     store = _tiny_atlas(tmp_path / "a")
     link = AtlasLink(store, "torchvision:resnet18", "default")
     assert not link.matches and "efficientnet_lite0" in link.reason
@@ -240,7 +240,7 @@ def test_latest_frame_wins(served, coffee_jpeg):
 
 
 def test_cli_errors(capsys, tmp_path):
-    from cluster.cli import main
+    from deepvis.cli import main
     assert main(["live", "--model", "efficientnet_lite0", "--layer", "nope", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepvis live: error: ") and "'nope'" in err and "\n" not in err

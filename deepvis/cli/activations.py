@@ -14,7 +14,7 @@ VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", 
 
 
 def add_parser(sub):
-    from cluster.cmd_layers import add_model_args
+    from deepvis.cli.layers import add_model_args
 
     p = sub.add_parser("activations", help="render one layer's activations of images as tile grids",
                        description="Forward each input image through MODEL and write the output of "
@@ -38,7 +38,7 @@ def add_parser(sub):
 
 
 def _inputs(path: Path) -> list[Path]:
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     if path.is_dir():
         files = sorted(f for f in path.iterdir()
@@ -55,7 +55,7 @@ def _inputs(path: Path) -> list[Path]:
 def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     try:
         with Image.open(path) as img:
@@ -68,7 +68,7 @@ def _open_image(path: Path):
 
 def _video_frames(path: Path):
     """Yield (index, PIL image) of every frame, via PyAV."""
-    from tasks.errors import UserError
+    from deepvis.tasks.errors import UserError
 
     try:
         import av  # noqa: PLC0415 - optional dependency
@@ -85,11 +85,11 @@ def _video_frames(path: Path):
 def run(args) -> int:
     from PIL import Image
 
-    from tasks.errors import UserError
-    from tasks.grid import grid_shape, layer_activations, tile_grid
-    from tasks.hooks import get_layer
-    from tasks.models import load_model
-    from tasks.preprocess import preprocess
+    from deepvis.tasks.errors import UserError
+    from deepvis.tasks.grid import grid_shape, layer_activations, tile_grid
+    from deepvis.tasks.hooks import get_layer
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.preprocess import preprocess
 
     if args.scale < 1:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")

@@ -13,8 +13,8 @@ COMMANDS = ["demo", "build", "submit", "status", "query", "compare", "serve", "l
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a complete, user-facing one-line error."""
-    from storage.errors import StoreError
-    from tasks.errors import UserError
+    from deepvis.storage.errors import StoreError
+    from deepvis.tasks.errors import UserError
     return (UserError, StoreError)
 
 
@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:
-            mod = importlib.import_module(f"cluster.cmd_{name}")
+            mod = importlib.import_module(f"deepvis.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"cluster.cmd_{name}":
+            if e.name == f"deepvis.cli.{name}":
                 continue  # command not built yet
             raise
         mod.add_parser(sub).set_defaults(_run=mod.run)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from cluster.cmd_layers import add_model_args
+from deepvis.cli.layers import add_model_args
 
 
 def add_parser(sub):
@@ -43,12 +43,12 @@ def add_parser(sub):
 
 
 def _reference(args, lm, units):
-    from storage import layout
-    from storage.datasets import BadImage, dataset_root, list_images, read_image
-    from storage.store import open_store
-    from tasks.errors import UserError
-    from tasks.preprocess import preprocess
-    from tasks.tune import dataset_top
+    from deepvis.storage import layout
+    from deepvis.storage.datasets import BadImage, dataset_root, list_images, read_image
+    from deepvis.storage.store import open_store
+    from deepvis.tasks.errors import UserError
+    from deepvis.tasks.preprocess import preprocess
+    from deepvis.tasks.tune import dataset_top
 
     if args.atlas:
         store = open_store(args.atlas)
@@ -77,12 +77,12 @@ def _reference(args, lm, units):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from cluster.args import resolve_device
-    from cluster.config import parse_units
-    from tasks.errors import UserError
-    from tasks.layers import resolve_layers
-    from tasks.models import load_model
-    from tasks.tune import sample_presets, tune
+    from deepvis.cli.args import resolve_device
+    from deepvis.cluster.config import parse_units
+    from deepvis.tasks.errors import UserError
+    from deepvis.tasks.layers import resolve_layers
+    from deepvis.tasks.models import load_model
+    from deepvis.tasks.tune import sample_presets, tune
 
     for name in ("trials", "steps", "top", "batch", "images"):
         if getattr(args, name) < 1:

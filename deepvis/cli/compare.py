@@ -14,7 +14,7 @@ import math
 import statistics
 import sys
 
-from cluster.args import add_store_args
+from deepvis.cli.args import add_store_args
 
 
 def add_parser(sub):
@@ -66,9 +66,9 @@ def _fmt(v, digits=2):
 
 
 def run(args) -> int:
-    from storage import layout
-    from storage.store import open_store
-    from tasks.errors import UserError
+    from deepvis.storage import layout
+    from deepvis.storage.store import open_store
+    from deepvis.tasks.errors import UserError
 
     store = open_store(args.store, args.endpoint_url)
     manifest = layout.read_manifest(store)

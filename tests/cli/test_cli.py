@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-DEEPVIS = [sys.executable, "-m", "cluster.cli"]
+DEEPVIS = [sys.executable, "-m", "deepvis.cli"]
 
 
 def deepvis(*args, timeout=300):

@@ -36,9 +36,9 @@ def bundled_photos(dest: Path) -> Path:
 
 
 def run(args) -> int:
-    from cluster.build import run_build
-    from cluster.cmd_build import print_summary
-    from cluster.config import BuildConfig
+    from deepvis.cluster.build import run_build
+    from deepvis.cli.build import print_summary
+    from deepvis.cluster.config import BuildConfig
 
     dataset = args.dataset
     if dataset is None:
