@@ -53,7 +53,7 @@ def run(args) -> list[dict]:
     import ray
 
     from deepvis.storage.s3 import S3Store
-    from tests.s3server import SeaweedServer
+    from devtools.s3server import SeaweedServer
 
     rows = []
     args.load_before = os.getloadavg()[0]
@@ -98,7 +98,7 @@ def run(args) -> list[dict]:
 def markdown(rows: list[dict], args) -> str:
     import boto3
 
-    from tests.s3server import find_weed
+    from devtools.s3server import find_weed
     weed_v = subprocess.run([find_weed(), "version"], capture_output=True, text=True).stdout.strip()
     lines = [SECTION, "",
              f"`bench/s3.py` ({time.strftime('%Y-%m-%d')}): `S3Store.put` from Ray actors (num_cpus=0.5 each) "

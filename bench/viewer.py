@@ -1,6 +1,6 @@
 """Viewer benchmark: how fast a layer page of N units loads from `deepvis serve`, in headless Chromium.
 
-Writes a synthetic atlas (the test suite's, tests/atlas_viewer/conftest.py: a layer of N units with
+Writes a synthetic atlas (the test suite's, devtools/viewer.py: a layer of N units with
 32 px optimized images, two presets), publishes the viewer (timed), serves it with `deepvis serve`'s
 server and opens `#/layer/conv.1` in a cold browser context R times, reading the page's own marks:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.atlas_viewer.conftest import BIG, launch_chromium, make_synthetic_atlas, serve  # noqa: E402
+from devtools.viewer import BIG, launch_chromium, make_synthetic_atlas, serve  # noqa: E402
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 

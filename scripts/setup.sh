@@ -10,7 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: these wheels lie on local disk here; a bare "torch" would pull a newer CUDA build.
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,demo]'
 # Debian's Chromium for the viewer's browser tests (Playwright drives it; it never downloads a browser)
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

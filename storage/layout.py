@@ -1,4 +1,4 @@
-"""The atlas layout in a store (DESIGN.md): object keys, the manifest, the two Parquet indexes, and the
+"""The atlas layout in a store (FORMAT.md): object keys, the manifest, the two Parquet indexes, and the
 build's internal completion records. No torch here."""
 from __future__ import annotations
 
@@ -79,6 +79,14 @@ def read_manifest(store: Store) -> dict:
     m = get_json(store, MANIFEST)
     if m is None:
         raise StoreError(f"no atlas at {store.uri!r} (manifest.json missing); build one with `deepvis build --out ...`")
+    version = m.get("schema_version", 1) if isinstance(m, dict) else None
+    if not isinstance(version, int):
+        raise StoreError(f"{store.uri!r}: manifest.json has no valid schema_version ({version!r}); "
+                         f"it is not a deepvis atlas or it is damaged")
+    # compatibility rule (FORMAT.md): a reader reads every schema_version up to its own, never a newer one
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"atlas schema_version {version} is newer than this deepvis reads "
+                         f"({SCHEMA_VERSION}); upgrade deepvis")
     return m
 
 
@@ -140,7 +148,7 @@ QUALITY = ("act", "ratio", "hf", "robust")   # per preset: tasks.quality's measu
 def units_table(rows: list[dict], presets: list[str]) -> pa.Table:
     """One row per (layer, unit): dataset stats (NaN without a dataset pass), and per preset the
     activation reached (opt_<preset>, the optimizer's own objective), whether its gradient was zero
-    (dead_<preset>), and the image's quality (tasks.quality): act_<preset> (DESIGN.md's activation),
+    (dead_<preset>), and the image's quality (tasks.quality): act_<preset> (FORMAT.md's activation),
     ratio_<preset> (act / the dataset's max; NaN without a dataset pass), hf_<preset> (high-frequency
     energy relative to natural photos), robust_<preset> (activation kept under jitter/scale/rotation)."""
     cols: dict[str, pa.Array] = {

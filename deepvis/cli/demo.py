@@ -1,8 +1,11 @@
 """`deepvis demo`: a small atlas on the embedded defaults (local Ray, local directory, offline model)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("deepvis.demo")   # through the `deepvis` logger: -q silences the chatter
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "imagenet-sample"
 
@@ -21,7 +24,13 @@ def add_parser(sub):
 def bundled_photos(dest: Path) -> Path:
     """Write scikit-image's bundled photos as JPEGs into dest (a fallback dataset)."""
     from PIL import Image
-    from skimage import data
+
+    from deepvis.tasks.errors import UserError
+    try:
+        from skimage import data
+    except ImportError:  # the `demo` extra is optional: say how to get it, or how to do without it
+        raise UserError(f"no sample images at {SHARED_SAMPLE} and scikit-image is not installed for the "
+                        f"fallback photos; pip install 'deepvis-atlas[demo]' or pass --dataset DIR") from None
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry"):
@@ -43,12 +52,12 @@ def run(args) -> int:
     dataset = args.dataset
     if dataset is None:
         dataset = str(SHARED_SAMPLE) if SHARED_SAMPLE.is_dir() else str(bundled_photos(Path(args.out + "-photos")))
-    print(f"demo: efficientnet_lite0, dataset {dataset}, atlas -> {os.path.abspath(args.out)}")
+    log.info(f"demo: efficientnet_lite0, dataset {dataset}, atlas -> {os.path.abspath(args.out)}")
     cfg = BuildConfig(layers="_conv_stem,_blocks.5,_fc", units="0:8", presets="yosinski-3", steps=60, size=96,
                       dataset=dataset, out=args.out)
     summary = run_build(cfg)
     print_summary(summary)
-    print(f"\nThe atlas is in {summary['atlas']}:\n"
+    log.info(f"\nThe atlas is in {summary['atlas']}:\n"
           f"  deepvis serve {args.out}      (then open http://127.0.0.1:8000/)\n"
           f"  deepvis status {args.out}\n"
           f"  deepvis query {args.out} --layer _fc --unit 1\n"

@@ -1,0 +1,165 @@
+"""A synthetic atlas written exactly as FORMAT.md lays it out (fast, any size: a 1,024-unit layer),
+an HTTP server on an atlas, and headless Debian Chromium. Shared by the viewer tests
+(tests/atlas_viewer/conftest.py) and bench/viewer.py."""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from deepvis.storage import layout
+from deepvis.storage.store import LocalStore
+
+CHROMIUM = os.environ.get("DEEPVIS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+XSS_FILE = "<img src=x onerror=alert(1)>.jpg"
+XSS_LAYER = "x<img src=x onerror=alert(2)>"
+XSS_LABEL = "<b>bold</b><img src=x onerror=alert(3)> & \"quoted\""
+XSS_ERROR = "RuntimeError: <script>alert(4)</script> actor died"
+
+BIG = "conv.1"          # the 1,024-unit layer
+MID = "block.2"         # 8 of 32 units: 1 missing image, 1 dead, 4 in a failed shard, 1 missing crop
+OUT = "fc"              # output layer, class names
+PRESETS = ["yosinski-3", "yosinski-1"]
+
+
+# ---------------------------------------------------------------- the synthetic atlas
+def _png(rng, size: int) -> bytes:
+    """A smooth random colour image (like a regularized optimization result), PNG bytes."""
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize((size, size), Image.BILINEAR).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpg(rng, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, units_index: bool = True,
+                         presets: list[str] | None = None, img_size: int = 32, k: int = 3) -> dict:
+    """Write a synthetic atlas (and its dataset folder root/../<name>-dataset) following FORMAT.md.
+    Returns facts the tests check against."""
+    presets = PRESETS if presets is None else presets
+    rng = np.random.default_rng(0)
+    store = LocalStore(root)
+    ds_root = Path(str(root) + "-dataset")
+    ds_root.mkdir(parents=True, exist_ok=True)
+    images = [f"n0{i:02d}/img_{i:03d}.JPEG" for i in range(10)] + [f"odd/{XSS_FILE}"]
+    for im in images:
+        (ds_root / im).parent.mkdir(parents=True, exist_ok=True)
+        (ds_root / im).write_bytes(_jpg(rng, 48))
+    labels = [f"class_{i}" for i in range(10)]
+    labels[0] = XSS_LABEL
+    layers = [
+        {"name": BIG, "kind": "conv", "shape": [big_units, 7, 7], "units": big_units, "selected": list(range(big_units))},
+        {"name": MID, "kind": "block", "shape": [32, 14, 14], "units": 32, "selected": list(range(8))},
+        {"name": XSS_LAYER, "kind": "conv", "shape": [3, 4, 4], "units": 3, "selected": [0, 1, 2]},
+        {"name": OUT, "kind": "linear", "shape": [10], "units": 10, "selected": list(range(10))},
+    ]
+    failed_units = {(MID, u) for u in range(4, 8)} if presets else set()
+    dead_units = {(MID, 2)} if presets else set()
+    missing_png = (MID, 1, presets[0]) if presets else None
+    missing_crop = (MID, 0, "bottom", k - 1) if topk else None
+
+    unit_rows, top_cols = [], {f.name: [] for f in layout.TOPK_SCHEMA}
+    histories = {}
+    for l in layers:
+        for u in l["selected"]:
+            key = (l["name"], u)
+            row = {"layer": l["name"], "unit": u}
+            if topk:
+                mean, std = float(rng.normal(0, 1)), float(rng.uniform(0.5, 2))
+                row.update(mean=mean, std=std, max=mean + 3 * std, frac_positive=float(rng.uniform(0, 1)),
+                           count=len(images))
+            for p in presets:
+                if key in failed_units:
+                    continue
+                row[f"opt_{p}"] = float(rng.uniform(1, 50))
+                row[f"dead_{p}"] = key in dead_units
+                if (l["name"], u, p) != missing_png:
+                    store.put(layout.unit_key(l["name"], u, f"{p}.png"), _png(rng, img_size))
+                if l["name"] == OUT:
+                    histories.setdefault((l["name"], p), []).append(
+                        {"unit": u, "preset": p, "activation": row[f"opt_{p}"], "dead": False,
+                         "history": [float(x) for x in np.linspace(0, row[f"opt_{p}"], 20)]})
+            unit_rows.append(row)
+            if topk and l["name"] != BIG:
+                acts = np.sort(rng.normal(row["mean"], row["std"], len(images))).astype(np.float32)
+                order = rng.permutation(len(images))
+                if key == (OUT, 0):   # the XSS file name is the strongest image of fc:0
+                    order = np.array([len(images) - 1] + [i for i in range(len(images) - 1)])[::-1]
+                for kind in ("top", "bottom"):
+                    for rank in range(k):
+                        j = len(images) - 1 - rank if kind == "top" else rank
+                        for c, v in (("layer", l["name"]), ("unit", u), ("kind", kind), ("rank", rank),
+                                     ("activation", float(acts[j])), ("image", images[order[j]]),
+                                     ("y", rank), ("x", rank + 1), ("x0", 0), ("y0", 0), ("x1", 100 + rank), ("y1", 120)):
+                            top_cols[c].append(v)
+                        if (l["name"], u, kind, rank) != missing_crop:
+                            store.put(layout.unit_key(l["name"], u, layout.crop_name(kind, rank)), _jpg(rng, 24))
+    if topk:
+        layout.write_topk(store, top_cols)
+    if units_index:
+        store.put(layout.UNITS, layout.table_bytes(layout.units_table(unit_rows, presets)))
+    for (name, p), rows in histories.items():
+        layout.put_json(store, layout.record_key(f"opt/{name}/0-9-{p}"),
+                        {"id": f"opt/{name}/0-9", "hash": "x", "summary": {"layer": name, "rows": rows}})
+    manifest = {
+        "schema_version": layout.SCHEMA_VERSION, "status": "failed" if failed_units else "complete",
+        "model": {"name": "synthnet", "source": "synthetic", "weights": "none", "input_size": 224,
+                  "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
+                                    "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
+                  "labels": labels, "output_layer": OUT},
+        "layers": layers,
+        "presets": [{"name": p, "steps": 10} for p in presets],
+        "optimization": {"steps": 10, "size": img_size},
+        "k": k,
+        "dataset": None if not topk else {"uri": str(ds_root), "images": len(images), "images_seen": len(images),
+                                          "images_skipped": 1, "skipped": [f"broken/{XSS_FILE}: not an image"]},
+        "build": {"started": "2025-01-01T00:00:00Z", "finished": "2025-01-01T00:01:00Z", "seconds": 60.0,
+                  "versions": {"deepvis": "0.1.0"}, "config": {}, "actors": []},
+        "failed_shards": [{"id": f"opt/{MID}/4-7", "error": XSS_ERROR}] if failed_units else [],
+    }
+    layout.put_json(store, layout.MANIFEST, manifest)
+    return {"store": store, "root": Path(root), "dataset": ds_root, "images": images, "layers": layers,
+            "presets": presets, "missing_png": missing_png, "missing_crop": missing_crop,
+            "failed": sorted(failed_units), "dead": sorted(dead_units), "k": k}
+
+
+# ---------------------------------------------------------------- HTTP server
+class Served:
+    def __init__(self, server, thread, root: Path):
+        self.server, self.thread, self.root = server, thread, root
+        host, port = server.server_address[:2]
+        self.base = f"http://{host}:{port}"
+
+    def url(self, hash_: str = "") -> str:
+        return f"{self.base}/viewer/index.html{hash_}"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def serve(store) -> Served:
+    from deepvis.atlas_viewer.server import make_server
+    server = make_server(store, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    return Served(server, t, Path(store.uri))
+
+
+# ---------------------------------------------------------------- the browser
+def launch_chromium(pw, extra_args=()):
+    """Headless Debian Chromium (never a downloaded browser) with the suite's flags plus extra_args."""
+    return pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args), headless=True)
