@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from deepvis.cluster.config import BuildConfig, parse_units
+from deepvis.cluster.resources import allowed_cpus
 from deepvis.storage import layout
 from deepvis.storage.errors import StoreError
 from deepvis.storage.store import Store, open_store
@@ -140,7 +141,7 @@ def connect(address: str | None) -> bool:
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     try:
         if address in (None, "", "local"):
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+            ray.init(num_cpus=allowed_cpus(), **kwargs)  # the CPUs a container/taskset allows
         else:
             ray.init(address=address, **kwargs)
     except ConnectionError as e:
