@@ -1,4 +1,4 @@
-"""One forward pass of a batch -> every unit's activation (DESIGN.md: the spatial max) and its argmax.
+"""One forward pass of a batch -> every unit's activation (FORMAT.md: the spatial max) and its argmax.
 
 The reduction happens inside the forward hook, as each layer fires: the full N x C x H x W maps are
 never kept (a later in-place op cannot change what was measured, and memory stays that of a bare

@@ -24,7 +24,7 @@ class FrameResult:
     top5: list[dict] = field(default_factory=list)   # [{"index", "label", "p"}], best first
     unit: int | None = None
     unit_map: np.ndarray | None = None   # uint8 (H, W) of the unit, on the layer's normalisation
-    unit_max: float | None = None        # the unit's activation on the frame (DESIGN.md: max over h, w)
+    unit_max: float | None = None        # the unit's activation on the frame (FORMAT.md: max over h, w)
     unit_argmax: int | None = None       # the strongest unit of the layer on this frame
     range: tuple[float, float] = (0.0, 0.0)  # the layer's min, max on this frame
 
@@ -88,7 +88,7 @@ class LiveModel:
 
     def gradient(self, x: torch.Tensor, layer: str, unit: int) -> np.ndarray:
         """d(unit activation)/d(input) for the frame x (3, H, W), the activation being the max over
-        (h, w) as DESIGN.md defines it. Returns uint8 (H, W, 3): signed gradient, 128 = 0, scaled
+        (h, w) as FORMAT.md defines it. Returns uint8 (H, W, 3): signed gradient, 128 = 0, scaled
         so the largest |component| is 127 (all 128 when the gradient is zero)."""
         x = x.detach().clone().to(self.device).requires_grad_(True)
         # the forward stops at the layer (tasks.hooks.hooked): the rest of the network is not needed

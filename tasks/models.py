@@ -32,7 +32,7 @@ OFFLINE_MODEL = "efficientnet_lite0"
 @dataclass
 class LoadedModel:
     module: nn.Module          # eval mode, parameters frozen (we only ever need d/d input)
-    preprocessing: dict        # DESIGN.md: resize, crop, mean, std, interpolation
+    preprocessing: dict        # FORMAT.md: resize, crop, mean, std, interpolation
     labels: list[str] | None   # class names of the output units, when known
     name: str                  # the spec as given
     source: str                # "package", "torchvision" or "python"

@@ -88,7 +88,7 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
                     size: int | None = None, device="cpu", diversity: int = 1,
                     diversity_layer: str | None = None) -> list[UnitResult]:
     """One image per (unit, preset, diversity index); results unit-major, then preset, then index.
-    The activation of a result is DESIGN.md's (max over h, w) on the final image, untransformed."""
+    The activation of a result is FORMAT.md's (max over h, w) on the final image, untransformed."""
     device = torch.device(device)
     check_model_device(model, device)
     dtype = model_dtype(model)

@@ -2,7 +2,7 @@
 Deep Visualization"), batched over units. Pure PyTorch: no Ray, no storage.
 
 For each (unit, preset) pair one image x is optimized; all pairs go through the network in ONE batch,
-and the forward pass stops at the target layer (tasks.hooks.hooked). Per step t (DESIGN.md, the
+and the forward pass stops at the target layer (tasks.hooks.hooked). Per step t (FORMAT.md, the
 operator order of the paper's own code, deep-visualization-toolbox `optimize/gradient_optimizer.py`):
 
   1. x <- clip(x, valid pixel range)

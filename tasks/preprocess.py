@@ -1,4 +1,4 @@
-"""The model's preprocessing (DESIGN.md): shorter side -> resize, centre crop, [0, 1], normalize.
+"""The model's preprocessing (FORMAT.md): shorter side -> resize, centre crop, [0, 1], normalize.
 
 `preprocessing` is the dict recorded in the manifest, so any client can reproduce an activation."""
 from __future__ import annotations

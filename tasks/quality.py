@@ -1,6 +1,6 @@
 """How good is a visualization? Three measures, each per image (tasks only, no I/O):
   activation ratio   activation reached / the unit's top activation over the dataset (> 1: the image
-                     drives the unit harder than any photo); activation = DESIGN.md's (max over h, w)
+                     drives the unit harder than any photo); activation = FORMAT.md's (max over h, w)
   high frequency     hf_fraction(image) / the median hf_fraction of natural photos (1 = as natural
                      images; >> 1: the high-frequency noise the paper's regularizers fight)
   robustness         mean over random jitter/scale/rotation (tasks.transforms.ROBUSTNESS) of
@@ -50,7 +50,7 @@ def natural_hf_median() -> float:
 
 
 def unit_activation(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's activation: max over (h, w) of channel units[i] of out[i] (or the value, for N x C)."""
+    """FORMAT.md's activation: max over (h, w) of channel units[i] of out[i] (or the value, for N x C)."""
     rows = torch.arange(out.shape[0], device=out.device)
     o = out[rows, units]
     return o.flatten(1).amax(1) if o.dim() > 1 else o
@@ -81,7 +81,7 @@ def robustness(run, layer: str, x01: torch.Tensor, units: torch.Tensor, preproce
 def measure(model, preprocessing: dict, layer: str, results, model_name: str, device="cpu",
             n: int = 8) -> list[dict]:
     """For optimization results (tasks.optimize.UnitResult, image in [0, 1]): {"act", "hf", "robust"}
-    each: DESIGN.md's activation of the image, its high-frequency fraction relative to natural
+    each: FORMAT.md's activation of the image, its high-frequency fraction relative to natural
     photos, and its robustness. The transforms are seeded per (unit, preset, index): batch-free."""
     from deepvis.tasks.hooks import as_module, hooked
     from deepvis.tasks.units import unit_seed

@@ -4,7 +4,7 @@ For every unit it keeps the k strongest and the k weakest images (activation, im
 position) and the running statistics of the activation over all images seen.
 
 Exactness. The order is a total order on (activation, image id): top = activation descending, ties by
-image id ascending; bottom = activation ascending, ties by image id ascending (DESIGN.md). Because it
+image id ascending; bottom = activation ascending, ties by image id ascending (FORMAT.md). Because it
 is a total order, the top-k of a union is the top-k of the union of the parts' top-k, so the result is
 the same whatever the batch size, the sharding and the order of `add`/`merge` calls. Details:
   - -0.0 and +0.0 compare equal (the id decides), as Python's `sorted` on (-act, id) does;

@@ -94,7 +94,7 @@ def tune(lm, layer: str, units: list[int], presets: list[Preset], *, size: int, 
 
 @torch.no_grad()
 def dataset_top(lm, layer: str, units: list[int], images, device="cpu", batch: int = 32) -> dict[int, float]:
-    """unit -> its highest activation (DESIGN.md) over the given preprocessed images (iterable of (3, H, W))."""
+    """unit -> its highest activation (FORMAT.md) over the given preprocessed images (iterable of (3, H, W))."""
     from deepvis.tasks.hooks import hooked
     best = {u: float("-inf") for u in units}
     idx = torch.tensor(units)

@@ -33,7 +33,7 @@ def coffee_jpeg():
 
 
 def _tiny_atlas(root, presets=("yosinski-3",)):
-    """An atlas of efficientnet_lite0 written as DESIGN.md lays it out: units 0..2 of _blocks.3."""
+    """An atlas of efficientnet_lite0 written as FORMAT.md lays it out: units 0..2 of _blocks.3."""
     store = LocalStore(root)
     rng = np.random.default_rng(1)
     cols = {f.name: [] for f in layout.TOPK_SCHEMA}

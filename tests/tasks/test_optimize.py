@@ -63,7 +63,7 @@ def hf_energy(x: torch.Tensor, fraction: bool = False) -> float:
 
 def test_presets_are_the_papers_table():
     assert list(PRESETS) == ["yosinski-1", "yosinski-2", "yosinski-3", "yosinski-4"]
-    table = {  # DESIGN.md / Table 1: decay, b_width, b_every, n_pct, c_pct, steps, lr, policy
+    table = {  # FORMAT.md / Table 1: decay, b_width, b_every, n_pct, c_pct, steps, lr, policy
         "yosinski-1": (0, 0.5, 4, 50, 0, 500, 100, "progress"),
         "yosinski-2": (0.3, 0, 0, 20, 0, 750, 100, "constant"),
         "yosinski-3": (0.0001, 1.0, 4, 0, 0, 1000, 100, "constant"),
