@@ -61,7 +61,7 @@ def test_dockerfile_installs_with_the_readme_line():
     runs = [l[len("RUN "):].strip() for l in text.splitlines() if l.startswith("RUN ") and "pip install" in l]
     assert runs == [readme_install()]
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", text, re.M)
-    for pkg in ("tasks", "storage", "cluster", "atlas_viewer"):
+    for pkg in ("deepvis", "tasks", "storage", "cluster", "atlas_viewer"):
         assert re.search(rf"^COPY .*\b{pkg} {pkg}$", text, re.M), pkg
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
@@ -126,3 +126,85 @@ def test_readme_command_lines_parse():
         build_parser().parse_args(argv)
         checked += 1
     assert checked >= 15, checked
+
+
+def test_dockerfile_copies_what_the_wheel_is_built_from():
+    """Every source folder of pyproject's package-dir, the readme and the license files are COPY'd
+    before `pip install .` (the wheel build fails without them)."""
+    import tomllib
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dirs = set(py["tool"]["setuptools"]["package-dir"].values())
+    files = {py["project"]["readme"], *py["project"]["license-files"], "pyproject.toml"}
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = set()
+    for line in text.splitlines():
+        if line.startswith("COPY "):
+            srcs = [a for a in shlex.split(line)[1:-1] if not a.startswith("--")]
+            copied.update(srcs)
+    assert dirs <= copied, dirs - copied
+    assert files <= copied, files - copied
+    for f in files:
+        assert (ROOT / f).is_file(), f
+
+
+def test_dockerfile_states_the_driver_its_cuda_wheels_need():
+    """torch's default Linux wheel bundles a CUDA build; the image must say which NVIDIA driver that
+    build needs (CUDA 13.x: R580 or newer) and name the same CUDA as the torch it installs."""
+    import torch
+    text = (DEPLOY / "Dockerfile").read_text()
+    pinned = re.search(r"pip install torch==(\S+)", text).group(1)
+    assert torch.__version__.split("+")[0] == pinned                    # the torch this suite runs
+    cuda = torch.version.cuda or re.search(r"\+cu(\d+)(\d)$", torch.__version__ + "+cu130").expand(r"\1.\2")
+    m = re.search(r"CUDA (\d+\.\d+) build.*?driver >= (\d+)\.(\d+)\.(\d+)", text, re.S)
+    assert m, "the Dockerfile does not state the CUDA build and the driver it needs"
+    assert m.group(1) == cuda
+    minimum = {"12": 525, "13": 580}[cuda.split(".")[0]]                # per CUDA major (minor compatibility)
+    assert int(m.group(2)) >= minimum
+
+
+def test_aws_launcher_syncs_no_venv_atlases_or_caches():
+    """The launcher config validates against Ray's own schema, and the rsync arguments Ray builds from
+    it (its own function) exclude the venv, atlases, artifacts and caches."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+    aws = docs(DEPLOY / "aws.yaml")[0]
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(aws, schema)     # what `ray up` checks (validate_config, before filling defaults)
+    args = SSHCommandRunner._create_rsync_filter_args(None, aws)
+    excluded = {args[i + 1] for i, a in enumerate(args) if a == "--exclude"}
+    assert {"/.venv", "/atlas", "/artifacts", "**/__pycache__", ".pytest_cache", "**/.git"} <= excluded
+    assert ["--filter", "dir-merge,- .gitignore"] == args[-2:]
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert {".venv/", "atlas/", "artifacts/", "__pycache__/"} <= set(ignored)
+
+
+def test_bench_imports_no_test_code():
+    """bench/ uses devtools/, never tests/ (a benchmark must run from a checkout without the suite)."""
+    import ast
+    bad = []
+    for f in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad += [f"{f.name}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
+    assert bad == []
+    assert (ROOT / "devtools" / "s3server.py").is_file() and (ROOT / "devtools" / "viewer.py").is_file()
+
+
+def test_nothing_refers_outside_the_repository():
+    """The atlas format is FORMAT.md, inside the repository: no file names the old contract."""
+    skip = {".git", ".venv", "atlas", "artifacts", "__pycache__", ".pytest_cache"}
+    old = "DESIGN" + ".md"          # split: this file must not match itself
+    hits = []
+    for f in ROOT.rglob("*"):
+        if f.is_file() and not skip & set(f.relative_to(ROOT).parts) and f.suffix in (
+                ".py", ".md", ".toml", ".yaml", ".sh", ".js", ".html", ".css", ".txt", "") :
+            text = f.read_text(errors="replace")
+            if old in text or "shared/" + "DESIGN" in text:
+                hits.append(str(f.relative_to(ROOT)))
+    assert hits == []
+    assert (ROOT / "FORMAT.md").is_file()
