@@ -44,95 +44,116 @@ def _jpg(rng, size: int) -> bytes:
     return buf.getvalue()
 
 
+class _Synth:
+    """The state of one synthetic atlas being written: random numbers are drawn in a fixed order
+    (dataset images, then unit by unit), so the same arguments give the same atlas."""
+
+    def __init__(self, root: Path, big_units: int, topk: bool, presets: list[str], img_size: int, k: int):
+        self.rng, self.store, self.topk, self.presets = np.random.default_rng(0), LocalStore(root), topk, presets
+        self.img_size, self.k = img_size, k
+        self.layers = [
+            {"name": BIG, "kind": "conv", "shape": [big_units, 7, 7], "units": big_units, "selected": list(range(big_units))},
+            {"name": MID, "kind": "block", "shape": [32, 14, 14], "units": 32, "selected": list(range(8))},
+            {"name": XSS_LAYER, "kind": "conv", "shape": [3, 4, 4], "units": 3, "selected": [0, 1, 2]},
+            {"name": OUT, "kind": "linear", "shape": [10], "units": 10, "selected": list(range(10))},
+        ]
+        self.failed_units = {(MID, u) for u in range(4, 8)} if presets else set()
+        self.dead_units = {(MID, 2)} if presets else set()
+        self.missing_png = (MID, 1, presets[0]) if presets else None
+        self.missing_crop = (MID, 0, "bottom", k - 1) if topk else None
+        self.unit_rows, self.histories = [], {}
+        self.top_cols = {f.name: [] for f in layout.TOPK_SCHEMA}
+
+    def dataset(self, ds_root: Path) -> None:
+        ds_root.mkdir(parents=True, exist_ok=True)
+        self.ds_root = ds_root
+        self.images = [f"n0{i:02d}/img_{i:03d}.JPEG" for i in range(10)] + [f"odd/{XSS_FILE}"]
+        for im in self.images:
+            (ds_root / im).parent.mkdir(parents=True, exist_ok=True)
+            (ds_root / im).write_bytes(_jpg(self.rng, 48))
+
+    def unit(self, layer: str, u: int) -> None:
+        row = {"layer": layer, "unit": u}
+        if self.topk:
+            mean, std = float(self.rng.normal(0, 1)), float(self.rng.uniform(0.5, 2))
+            row.update(mean=mean, std=std, max=mean + 3 * std, frac_positive=float(self.rng.uniform(0, 1)),
+                       count=len(self.images))
+        for p in self.presets:
+            if (layer, u) not in self.failed_units:
+                self.optimized(row, p)
+        self.unit_rows.append(row)
+        if self.topk and layer != BIG:
+            self.top_rows(row)
+
+    def optimized(self, row: dict, p: str) -> None:
+        layer, u = row["layer"], row["unit"]
+        row[f"opt_{p}"] = float(self.rng.uniform(1, 50))
+        row[f"dead_{p}"] = (layer, u) in self.dead_units
+        if (layer, u, p) != self.missing_png:
+            self.store.put(layout.unit_key(layer, u, f"{p}.png"), _png(self.rng, self.img_size))
+        if layer == OUT:
+            self.histories.setdefault((layer, p), []).append(
+                {"unit": u, "preset": p, "activation": row[f"opt_{p}"], "dead": False,
+                 "history": [float(x) for x in np.linspace(0, row[f"opt_{p}"], 20)]})
+
+    def top_rows(self, row: dict) -> None:
+        layer, u, n = row["layer"], row["unit"], len(self.images)
+        acts = np.sort(self.rng.normal(row["mean"], row["std"], n)).astype(np.float32)
+        order = self.rng.permutation(n)
+        if (layer, u) == (OUT, 0):   # the XSS file name is the strongest image of fc:0
+            order = np.array([n - 1] + [i for i in range(n - 1)])[::-1]
+        for kind in ("top", "bottom"):
+            for rank in range(self.k):
+                j = n - 1 - rank if kind == "top" else rank
+                for c, v in (("layer", layer), ("unit", u), ("kind", kind), ("rank", rank),
+                             ("activation", float(acts[j])), ("image", self.images[order[j]]),
+                             ("y", rank), ("x", rank + 1), ("x0", 0), ("y0", 0), ("x1", 100 + rank), ("y1", 120)):
+                    self.top_cols[c].append(v)
+                if (layer, u, kind, rank) != self.missing_crop:
+                    self.store.put(layout.unit_key(layer, u, layout.crop_name(kind, rank)), _jpg(self.rng, 24))
+
+    def manifest(self) -> dict:
+        labels = [XSS_LABEL] + [f"class_{i}" for i in range(1, 10)]
+        n = len(self.images)
+        return {
+            "schema_version": layout.SCHEMA_VERSION, "status": "failed" if self.failed_units else "complete",
+            "model": {"name": "synthnet", "source": "synthetic", "weights": "none", "input_size": 224,
+                      "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
+                                        "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
+                      "labels": labels, "output_layer": OUT},
+            "layers": self.layers,
+            "presets": [{"name": p, "steps": 10} for p in self.presets],
+            "optimization": {"steps": 10, "size": self.img_size},
+            "k": self.k,
+            "dataset": None if not self.topk else {"uri": str(self.ds_root), "images": n, "images_seen": n,
+                                                   "images_skipped": 1, "skipped": [f"broken/{XSS_FILE}: not an image"]},
+            "build": {"started": "2025-01-01T00:00:00Z", "finished": "2025-01-01T00:01:00Z", "seconds": 60.0,
+                      "versions": {"deepvis": "0.1.0"}, "config": {}, "actors": []},
+            "failed_shards": [{"id": f"opt/{MID}/4-7", "error": XSS_ERROR}] if self.failed_units else [],
+        }
+
+
 def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, units_index: bool = True,
                          presets: list[str] | None = None, img_size: int = 32, k: int = 3) -> dict:
     """Write a synthetic atlas (and its dataset folder root/../<name>-dataset) following FORMAT.md.
     Returns facts the tests check against."""
     presets = PRESETS if presets is None else presets
-    rng = np.random.default_rng(0)
-    store = LocalStore(root)
-    ds_root = Path(str(root) + "-dataset")
-    ds_root.mkdir(parents=True, exist_ok=True)
-    images = [f"n0{i:02d}/img_{i:03d}.JPEG" for i in range(10)] + [f"odd/{XSS_FILE}"]
-    for im in images:
-        (ds_root / im).parent.mkdir(parents=True, exist_ok=True)
-        (ds_root / im).write_bytes(_jpg(rng, 48))
-    labels = [f"class_{i}" for i in range(10)]
-    labels[0] = XSS_LABEL
-    layers = [
-        {"name": BIG, "kind": "conv", "shape": [big_units, 7, 7], "units": big_units, "selected": list(range(big_units))},
-        {"name": MID, "kind": "block", "shape": [32, 14, 14], "units": 32, "selected": list(range(8))},
-        {"name": XSS_LAYER, "kind": "conv", "shape": [3, 4, 4], "units": 3, "selected": [0, 1, 2]},
-        {"name": OUT, "kind": "linear", "shape": [10], "units": 10, "selected": list(range(10))},
-    ]
-    failed_units = {(MID, u) for u in range(4, 8)} if presets else set()
-    dead_units = {(MID, 2)} if presets else set()
-    missing_png = (MID, 1, presets[0]) if presets else None
-    missing_crop = (MID, 0, "bottom", k - 1) if topk else None
-
-    unit_rows, top_cols = [], {f.name: [] for f in layout.TOPK_SCHEMA}
-    histories = {}
-    for l in layers:
+    s = _Synth(root, big_units, topk, presets, img_size, k)
+    s.dataset(Path(str(root) + "-dataset"))
+    for l in s.layers:
         for u in l["selected"]:
-            key = (l["name"], u)
-            row = {"layer": l["name"], "unit": u}
-            if topk:
-                mean, std = float(rng.normal(0, 1)), float(rng.uniform(0.5, 2))
-                row.update(mean=mean, std=std, max=mean + 3 * std, frac_positive=float(rng.uniform(0, 1)),
-                           count=len(images))
-            for p in presets:
-                if key in failed_units:
-                    continue
-                row[f"opt_{p}"] = float(rng.uniform(1, 50))
-                row[f"dead_{p}"] = key in dead_units
-                if (l["name"], u, p) != missing_png:
-                    store.put(layout.unit_key(l["name"], u, f"{p}.png"), _png(rng, img_size))
-                if l["name"] == OUT:
-                    histories.setdefault((l["name"], p), []).append(
-                        {"unit": u, "preset": p, "activation": row[f"opt_{p}"], "dead": False,
-                         "history": [float(x) for x in np.linspace(0, row[f"opt_{p}"], 20)]})
-            unit_rows.append(row)
-            if topk and l["name"] != BIG:
-                acts = np.sort(rng.normal(row["mean"], row["std"], len(images))).astype(np.float32)
-                order = rng.permutation(len(images))
-                if key == (OUT, 0):   # the XSS file name is the strongest image of fc:0
-                    order = np.array([len(images) - 1] + [i for i in range(len(images) - 1)])[::-1]
-                for kind in ("top", "bottom"):
-                    for rank in range(k):
-                        j = len(images) - 1 - rank if kind == "top" else rank
-                        for c, v in (("layer", l["name"]), ("unit", u), ("kind", kind), ("rank", rank),
-                                     ("activation", float(acts[j])), ("image", images[order[j]]),
-                                     ("y", rank), ("x", rank + 1), ("x0", 0), ("y0", 0), ("x1", 100 + rank), ("y1", 120)):
-                            top_cols[c].append(v)
-                        if (l["name"], u, kind, rank) != missing_crop:
-                            store.put(layout.unit_key(l["name"], u, layout.crop_name(kind, rank)), _jpg(rng, 24))
+            s.unit(l["name"], u)
     if topk:
-        layout.write_topk(store, top_cols)
+        layout.write_topk(s.store, s.top_cols)
     if units_index:
-        store.put(layout.UNITS, layout.table_bytes(layout.units_table(unit_rows, presets)))
-    for (name, p), rows in histories.items():
-        layout.put_json(store, layout.record_key(f"opt/{name}/0-9-{p}"),
+        s.store.put(layout.UNITS, layout.table_bytes(layout.units_table(s.unit_rows, presets)))
+    for (name, p), rows in s.histories.items():
+        layout.put_json(s.store, layout.record_key(f"opt/{name}/0-9-{p}"),
                         {"id": f"opt/{name}/0-9", "hash": "x", "summary": {"layer": name, "rows": rows}})
-    manifest = {
-        "schema_version": layout.SCHEMA_VERSION, "status": "failed" if failed_units else "complete",
-        "model": {"name": "synthnet", "source": "synthetic", "weights": "none", "input_size": 224,
-                  "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
-                                    "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
-                  "labels": labels, "output_layer": OUT},
-        "layers": layers,
-        "presets": [{"name": p, "steps": 10} for p in presets],
-        "optimization": {"steps": 10, "size": img_size},
-        "k": k,
-        "dataset": None if not topk else {"uri": str(ds_root), "images": len(images), "images_seen": len(images),
-                                          "images_skipped": 1, "skipped": [f"broken/{XSS_FILE}: not an image"]},
-        "build": {"started": "2025-01-01T00:00:00Z", "finished": "2025-01-01T00:01:00Z", "seconds": 60.0,
-                  "versions": {"deepvis": "0.1.0"}, "config": {}, "actors": []},
-        "failed_shards": [{"id": f"opt/{MID}/4-7", "error": XSS_ERROR}] if failed_units else [],
-    }
-    layout.put_json(store, layout.MANIFEST, manifest)
-    return {"store": store, "root": Path(root), "dataset": ds_root, "images": images, "layers": layers,
-            "presets": presets, "missing_png": missing_png, "missing_crop": missing_crop,
-            "failed": sorted(failed_units), "dead": sorted(dead_units), "k": k}
+    layout.put_json(s.store, layout.MANIFEST, s.manifest())
+    return {"store": s.store, "root": Path(root), "dataset": s.ds_root, "images": s.images, "layers": s.layers,
+            "presets": presets, "missing_png": s.missing_png, "missing_crop": s.missing_crop,
+            "failed": sorted(s.failed_units), "dead": sorted(s.dead_units), "k": k}
 
 
 # ---------------------------------------------------------------- HTTP server
