@@ -92,6 +92,18 @@ def test_verbosity_flags(capsys, monkeypatch):
     assert r.returncode == 2 and "not allowed with" in r.stderr
 
 
+@pytest.mark.parametrize("flags,disabled", [([], False), (["-q"], True)])
+def test_quiet_turns_progress_bars_off(flags, disabled):
+    """The bars a command makes after -q is parsed (build's, optimize's: tqdm is imported lazily)
+    are off; without -q they are on."""
+    code = ("import os, sys; from deepvis.cli import main; assert 'tqdm' not in sys.modules; "
+            f"main({flags + ['layers', 'bogus']!r}); from tqdm import tqdm; print(tqdm(range(2)).disable)")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == str(disabled)
+
+
 def test_newer_schema_is_refused(tmp_path):
     """status, query and serve read the atlas of this deepvis's schema_version, and refuse a newer one
     with one line and exit 2, leaving the atlas as it was."""
