@@ -52,7 +52,8 @@ def setup_logging(verbosity: int) -> None:
     log.addHandler(_Handler())
     log.propagate = False
     if verbosity < 0:
-        # every tqdm bar (build's, optimize's) reads its defaults from TQDM_* variables (tqdm >= 4.66)
+        # tqdm (>= 4.66) takes its defaults from TQDM_* variables when it is first imported, which the
+        # commands do lazily, after this; Ray workers started from here inherit it too
         os.environ["TQDM_DISABLE"] = "1"
 
 
