@@ -457,4 +457,21 @@ def build(**kwargs) -> dict:
     from deepvis.cluster.build import run_build
     from deepvis.cluster.config import BuildConfig
 
-    return run_build(BuildConfig.from_dict(kwargs, origin="deepvis.build()"))
+    return run_build(BuildConfig.from_dict(_absolute_paths(kwargs), origin="deepvis.build()"))
+
+
+def _absolute_paths(kwargs: dict) -> dict:
+    """Local paths relative to the caller's directory, made absolute: a notebook's working directory
+    need not be the one the Ray workers started in (a cluster started earlier, or an os.chdir)."""
+    if kwargs.get("address") not in (None, "", "local"):
+        return kwargs          # a remote cluster reads paths on its own nodes
+    out = dict(kwargs)
+    for key in ("dataset", "out", "presets_file", "weights"):
+        v = out.get(key)
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+        if isinstance(v, str) and v and "://" not in v and not (key == "weights" and v in ("none", "default")):
+            v = os.path.abspath(os.path.expanduser(v))
+        if key in out:
+            out[key] = v
+    return out
