@@ -9,7 +9,7 @@ import base64
 import html
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +76,16 @@ class TopImage:
     x: int
     box: tuple[int, int, int, int]          # (x0, y0, x1, y1)
     crop_key: str
-    _reader: Reader = field(repr=False, compare=False)
+
+    @classmethod
+    def from_row(cls, reader: Reader, r: dict) -> "TopImage":
+        """From a dict row of Reader.top_images. The reader that loads the crop is kept outside the
+        fields, so dataclasses.asdict/replace never copy a store (an S3 client)."""
+        row = cls(layer=r["layer"], unit=int(r["unit"]), kind=r["kind"], rank=int(r["rank"]),
+                  activation=float(r["activation"]), image=r["image"], y=int(r["y"]), x=int(r["x"]),
+                  box=(int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"])), crop_key=r["crop"])
+        object.__setattr__(row, "_reader", reader)
+        return row
 
     @cached_property
     def crop_bytes(self) -> bytes:
@@ -194,11 +203,7 @@ class Unit:
     def _rows(self, kind: str, k: int | None) -> list[TopImage]:
         reader = self.atlas._reader
         k = int(self.atlas.manifest.get("k") or 9) if k is None else int(k)
-        return [TopImage(layer=r["layer"], unit=int(r["unit"]), kind=r["kind"], rank=int(r["rank"]),
-                         activation=float(r["activation"]), image=r["image"], y=int(r["y"]), x=int(r["x"]),
-                         box=(int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"])), crop_key=r["crop"],
-                         _reader=reader)
-                for r in reader.top_images(self.layer, self.unit, k, kind)]
+        return [TopImage.from_row(reader, r) for r in reader.top_images(self.layer, self.unit, k, kind)]
 
     @cached_property
     def stats(self) -> dict:
@@ -241,7 +246,7 @@ class Unit:
             rows = self._rows(kind, None)
         except StoreError as e:
             return f"<div><b>{kind}</b>: <i>{_esc(e)}</i></div>" if kind == "top" else ""
-        figs = [_img_html(r._reader.store.get_or_none(r.crop_key), r.crop_key,
+        figs = [_img_html(self.atlas.store.get_or_none(r.crop_key), r.crop_key,
                           f'{r.activation:.4g}<br><span title="{_esc(r.image)}">{_esc(os.path.basename(r.image))}</span>')
                 for r in rows]
         return f"<div><b>{kind} {len(rows)}</b><br>{''.join(figs)}</div>"

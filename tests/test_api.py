@@ -3,6 +3,7 @@ a real small build, the crops against the stored objects, the reverse query agai
 the HTML against markup in the atlas, errors against the CLI's own lines, an s3:// atlas."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -198,6 +199,9 @@ def test_repr_escapes_atlas_strings(synthetic):
     atlas = deepvis.open(synthetic["root"])
     fc0 = atlas.unit(OUT, 0)
     assert fc0.top(1)[0].image == f"odd/{XSS_FILE}" and fc0.label == XSS_LABEL
+    assert dataclasses.asdict(fc0.top(1)[0]) == {   # plain data: no store inside
+        "layer": OUT, "unit": 0, "kind": "top", "rank": 0, "activation": fc0.top(1)[0].activation,
+        "image": f"odd/{XSS_FILE}", "y": 0, "x": 1, "box": (0, 0, 100, 120), "crop_key": atlas.reader.top_images(OUT, 0, 1)[0]["crop"]}
     for markup in (fc0._repr_html_(), atlas.unit(XSS_LAYER, 1)._repr_html_(), atlas._repr_html_()):
         assert_safe(markup)
         assert "<img src=x" not in markup and "<script>" not in markup and "<b>bold" not in markup
