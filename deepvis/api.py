@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 THUMB_UNITS = 8      # units per layer shown by Atlas._repr_html_
 THUMB_LAYERS = 12    # layers with thumbnails in Atlas._repr_html_ (a full network has ~100)
+MAX_DIVERSITY = 64   # images per (unit, preset) looked for: a manifest cannot make us probe more
 
 
 # ---------------------------------------------------------------- typed rows
@@ -118,6 +119,14 @@ def _decode(data: bytes, key: str) -> "Image.Image":
     return img
 
 
+def _manifest_int(value: Any, default: int, cap: int) -> int:
+    """A count read from the (untrusted) manifest: a garbage value falls back, a huge one is capped."""
+    try:
+        return max(1, min(int(value), cap))
+    except (TypeError, ValueError):
+        return default
+
+
 def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
@@ -187,7 +196,7 @@ class Unit:
         return [_decode(data, key) for key, data in self._image_objects(self._preset(preset))]
 
     def _image_objects(self, preset: str) -> list[tuple[str, bytes]]:
-        n = int((self.atlas.manifest.get("optimization") or {}).get("diversity") or 1)
+        n = _manifest_int((self.atlas.manifest.get("optimization") or {}).get("diversity"), 1, MAX_DIVERSITY)
         keys = [layout.unit_key(self.layer, self.unit, layout.preset_image(preset, i)) for i in range(n)]
         found = [(k, self.atlas.store.get_or_none(k)) for k in keys]
         return [(k, d) for k, d in found if d is not None]
@@ -202,7 +211,7 @@ class Unit:
 
     def _rows(self, kind: str, k: int | None) -> list[TopImage]:
         reader = self.atlas._reader
-        k = int(self.atlas.manifest.get("k") or 9) if k is None else int(k)
+        k = _manifest_int(self.atlas.manifest.get("k"), 9, 10_000) if k is None else int(k)
         return [TopImage.from_row(reader, r) for r in reader.top_images(self.layer, self.unit, k, kind)]
 
     @cached_property

@@ -216,6 +216,26 @@ def test_repr_escapes_atlas_strings(synthetic):
         row.crop
 
 
+def test_diversity_images(synthetic, tmp_path):
+    """Unit.images(preset): the `--diversity n` set, <preset>.png then <preset>.<i>.png, those present."""
+    root = tmp_path / "atlas"
+    shutil.copytree(synthetic["root"], root)
+    store = Reader.open(str(root)).store
+    m = layout.read_manifest(store)
+    m["optimization"]["diversity"] = 3
+    layout.put_json(store, layout.MANIFEST, m)
+    extra = Image.new("RGB", (32, 32), (200, 10, 10))
+    extra.save(root / layout.unit_key(OUT, 2, layout.preset_image("yosinski-3", 2)))
+    unit = deepvis.open(root).unit(OUT, 2)
+    imgs = unit.images("yosinski-3")
+    assert len(imgs) == 2 and np.array_equal(np.asarray(imgs[1]), np.asarray(extra))
+    assert np.array_equal(np.asarray(imgs[0]), np.asarray(unit.image()))
+    assert sum(t == "img" for t, _ in tags_of(unit._repr_html_())) == 2 + 1 + 3 + 3   # + yosinski-1
+    m["optimization"]["diversity"], m["k"] = "lots", "x"          # garbage in a manifest: no traceback
+    layout.put_json(store, layout.MANIFEST, m)
+    assert len(deepvis.open(root).unit(OUT, 2).images("yosinski-3")) == 1
+
+
 def test_errors_are_deepvis_errors_with_the_cli_message(synthetic, tmp_path):
     root = synthetic["root"]
     atlas = deepvis.open(root)
