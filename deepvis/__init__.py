@@ -25,8 +25,9 @@ def _version() -> str:
 
 
 __version__ = _version()
+# not "open" in __all__: a star import must not shadow the builtin open
 _API = ("Atlas", "Unit", "TopImage", "QueryHit", "Layer", "LayerStatus", "Status", "FailedShard")
-__all__ = ["open", "build", "DeepvisError", "__version__", *_API]
+__all__ = ["build", "DeepvisError", "__version__", *_API]
 
 
 def open(uri, endpoint_url: str | None = None):  # noqa: A001 (deepvis.open, as in the notebook idiom)
