@@ -1,5 +1,8 @@
-"""Read side of an atlas: `Atlas.open(uri).top_images(layer, unit, k)`."""
+"""Read side of an atlas: `Atlas.open(uri).top_images(layer, unit, k)`. (The notebook API,
+deepvis.open, wraps this class; it stays torch-free.)"""
 from __future__ import annotations
+
+import pyarrow as pa
 
 from deepvis.storage import layout
 from deepvis.storage.errors import StoreError
@@ -35,9 +38,29 @@ class Atlas:
             ("layer", "=", layer), ("unit", "=", int(unit)), ("kind", "=", kind), ("rank", "<", int(k))])
         rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
         for r in rows:
-            r["crop"] = layout.unit_key(layer, unit, layout.crop_name(kind, r["rank"]))
+            r["crop"] = self.crop_key(r)
         return rows
 
-    def unit_stats(self, layer: str | None = None) -> list[dict]:
+    def crop_key(self, row: dict) -> str:
+        """The object key of the crop of one index/topk.parquet row (layer, unit, kind, rank, image,
+        box...). The one place that knows where crops live, so a new crop layout changes only this."""
+        return layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"]))
+
+    def units_table(self, layer: str | None = None) -> pa.Table:
+        """index/units.parquet (one row per built unit: dataset stats, per-preset measures), or
+        only one layer's rows."""
+        if layer is not None and layer not in self.layers:
+            self.check_unit(layer, 0)   # the one-line "layer ... is not in this atlas" error
         filters = [("layer", "=", layer)] if layer else None
-        return layout.read_table(self.store, layout.UNITS, filters=filters).to_pylist()
+        return layout.read_table(self.store, layout.UNITS, filters=filters)
+
+    def read_object(self, key: str, what: str) -> bytes:
+        """An object's bytes; a missing one is a StoreError naming it (`what`: e.g. "crop")."""
+        data = self.store.get_or_none(key)
+        if data is None:
+            raise StoreError(f"{what} {key} missing in {self.store.uri!r}; re-run the build that made "
+                             f"this atlas to fill it in (finished shards are skipped)")
+        return data
+
+    def unit_stats(self, layer: str | None = None) -> list[dict]:
+        return self.units_table(layer).to_pylist()

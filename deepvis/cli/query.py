@@ -18,27 +18,25 @@ def add_parser(sub):
     p.add_argument("-k", type=int, default=9, help="how many rows (default: 9)")
     p.add_argument("--bottom", action="store_true", help="the lowest activations instead of the highest")
     p.add_argument("--image", help="an image file: list the units it excites most")
+    p.add_argument("--model", help="with --image: the model spec to run (default: the atlas's model when it is "
+                                   "built in; a package.module:callable model must be named here, since an "
+                                   "atlas never chooses code to run)")
+    p.add_argument("--weights", help="with --image: the state_dict the atlas was built with, when it was built "
+                                     "with --weights PATH")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
 def run(args) -> int:
-    from deepvis.storage.atlas import Atlas
+    from deepvis.api import open_atlas
     from deepvis.tasks.errors import UserError
 
-    atlas = Atlas.open(args.store, args.endpoint_url)
+    atlas = open_atlas(args.store, args.endpoint_url)
     if args.image:
-        rows = image_query(atlas, args.image, args.layer, args.k)
-        if args.json:
-            print(json.dumps(rows))
-        else:
-            print(f"{'layer':<24} {'unit':>5} {'activation':>11} {'/ dataset max':>13}")
-            for r in rows:
-                print(f"{r['layer']:<24} {r['unit']:>5} {r['activation']:>11.4f} {r['relative']:>13.3f}")
-        return 0
+        return print_image_query(atlas, args)
     if args.layer is None or args.unit is None:
         raise UserError("give --layer and --unit (or --image FILE); `deepvis status STORE` lists the layers")
-    rows = atlas.top_images(args.layer, args.unit, args.k, "bottom" if args.bottom else "top")
+    rows = atlas.reader.top_images(args.layer, args.unit, args.k, "bottom" if args.bottom else "top")
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -48,34 +46,15 @@ def run(args) -> int:
     return 0
 
 
-def image_query(atlas, path: str, layer: str | None, k: int) -> list[dict]:
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+def print_image_query(atlas, args) -> int:
+    """--image: the reverse query of the Python API (deepvis.Atlas.query_image), printed."""
+    from dataclasses import asdict
 
-    from deepvis.tasks.activations import batch_unit_maxima
-    from deepvis.tasks.errors import UserError
-    from deepvis.tasks.models import load_model
-    from deepvis.tasks.preprocess import preprocess
-
-    m = atlas.manifest["model"]
-    layers = [layer] if layer else list(atlas.layers)
-    if layer:
-        atlas.check_unit(layer, 0)
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"cannot read image {path!r} ({e}); pass a JPEG/PNG file") from None
-    lm = load_model(m["name"], None if m["weights"] == "default" else m["weights"])
-    out = batch_unit_maxima(lm.module, layers, preprocess(img, lm.preprocessing)[None])
-    stats = {(r["layer"], r["unit"]): r for r in atlas.unit_stats(layer)}
-    rows = []
-    for name in layers:
-        vals = out[name][0][0].numpy()
-        for u in atlas.layers[name].get("selected") or range(len(vals)):
-            mx = stats.get((name, u), {}).get("max")
-            if mx is None or not np.isfinite(mx) or mx <= 0:
-                continue
-            rows.append({"layer": name, "unit": int(u), "activation": float(vals[u]), "relative": float(vals[u] / mx)})
-    rows.sort(key=lambda r: (-r["relative"], r["layer"], r["unit"]))
-    return rows[:k]
+    hits = atlas.query_image(args.image, args.layer, args.k, model=args.model, weights=args.weights)
+    if args.json:
+        print(json.dumps([asdict(h) for h in hits]))
+        return 0
+    print(f"{'layer':<24} {'unit':>5} {'activation':>11} {'/ dataset max':>13}")
+    for h in hits:
+        print(f"{h.layer:<24} {h.unit:>5} {h.activation:>11.4f} {h.relative:>13.3f}")
+    return 0
