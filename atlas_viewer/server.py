@@ -127,8 +127,22 @@ class GuardedHTTPServer(ThreadingHTTPServer):
                 pass
         except OSError:
             pass
-        finally:
-            self.shutdown_request(request)
+        finally:   # the plain close: no lingering in the accepting thread
+            ThreadingHTTPServer.shutdown_request(self, request)
+
+    def shutdown_request(self, request):
+        """Close as a careful server does: stop sending, read and drop what the client still sends
+        (bounded: 1 MB, 1 s), then close. Closing with unread bytes would reset the connection, and
+        the client could lose the refusal it was just sent (a 400 for a bad Content-Length)."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(1)
+            left = 1 << 20
+            while left > 0 and (chunk := request.recv(65536)):
+                left -= len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
 
     def host_allowed(self, header: str | None) -> bool:
         """Is `header` (a request's Host) a name of this server? Against DNS rebinding, where a
