@@ -169,6 +169,12 @@ class GuardedHTTPServer(ThreadingHTTPServer):
 
 class GuardedHandler(BaseHTTPRequestHandler):
     """The request handler both servers share: the server's socket timeout and the Host check."""
+    # a request line without a version ('GET /x') is HTTP/0.9 to the standard library, which then
+    # answers with a bare body and no status line or headers (no nosniff, no CSP): speak 1.0 instead
+    default_request_version = "HTTP/1.0"
+    # the library's own refusals (400, 414, 431, 501, 505) as one plain-text line, not an HTML page
+    error_content_type = "text/plain; charset=utf-8"
+    error_message_format = "%(code)d %(message)s\n"
 
     def setup(self):
         self.timeout = self.server.request_timeout      # StreamRequestHandler applies it to the socket
