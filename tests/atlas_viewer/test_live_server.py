@@ -161,6 +161,7 @@ def test_atlas_of_another_model_is_not_joined(lite0, tmp_path):
 
 
 def test_bad_input_clear_errors_and_server_keeps_serving(served, coffee_jpeg):
+    """Keep: `live` refuses non-images, too-large bodies and chunked uploads cleanly, and keeps serving."""
     _, cl = served
     conn = http.client.HTTPConnection(*served[0].server_address[:2], timeout=60)
     big = b"\xff\xd8" + bytes(50_000_000)                                      # 50 MB
@@ -367,3 +368,29 @@ def test_cli_binds_before_loading_the_model(capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and "\n" not in err
     assert main(["live", "--model", "efficientnet_lite0", "--port", "99999"]) == 2
     assert "--port 99999" in capsys.readouterr().err
+
+
+def test_keep_live_refusals_and_csp(served, coffee_jpeg):
+    """Keep: `live` refuses truncated images and decompression bombs cleanly (and non-images, big
+    bodies and chunked uploads: test_bad_input_clear_errors_and_server_keeps_serving); its page
+    has a CSP and its script no innerHTML; 414/431/501 as for `serve`."""
+    from tests.bombs import png
+    server, cl = served
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", coffee_jpeg[: len(coffee_jpeg) // 2])
+    assert status == 415 and "truncated" in d["error"]
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", png(20000, 20000, pixels=False))  # PIL's bomb error
+    assert status == 413 and "too large" in d["error"]
+    c = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    c.request("GET", "/")
+    r = c.getresponse()
+    r.read()
+    csp = r.getheader("Content-Security-Policy")
+    assert "script-src 'self'" in csp and "object-src 'none'" in csp and "unsafe-inline" not in csp
+    from deepvis.atlas_viewer.live.server import PAGE_DIR
+    assert "innerHTML" not in (PAGE_DIR / "live.js").read_text()
+    host = b"Host: %s\r\n" % _host(server)
+    for request, code in ((b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+                          (b"GET /api/model HTTP/1.1\r\n" + host + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+                          (b"PUT /api/frame HTTP/1.1\r\n" + host + b"Content-Length: 0\r\n\r\n", 501)):
+        assert raw(server, request).startswith(b"HTTP/1.1 %d " % code), code
+    assert cl.json("GET", "/api/model")[0] == 200

@@ -69,6 +69,7 @@ def test_objects_with_content_types(server, atlas, path, ctype):
 
 
 def test_encoded_names_and_missing(server, atlas):
+    """Keep: no directory listing (a folder of the atlas is 404, not an index of its files)."""
     layer = "x%3Cimg%20src%3Dx%20onerror%3Dalert(2)%3E"
     status, _, body = get(server, f"/units/{layer}/0/yosinski-3.png")
     assert status == 200 and body[:4] == b"\x89PNG"
@@ -112,7 +113,7 @@ def test_dataset_route_serves_indexed_images_only(server, atlas):
 
 
 def test_cli_serves_until_stopped(atlas, tmp_path):
-    """`deepvis serve DIR --port 0` prints the URL of a free port and serves there."""
+    """`deepvis serve DIR --port 0` prints the URL of a free port and serves there (Keep: on 127.0.0.1)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     p = subprocess.Popen([sys.executable, "-m", "deepvis.cli", "serve", str(atlas["root"]), "--port", "0"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -438,3 +439,39 @@ def test_cli_port_in_use_writes_nothing(tmp_path, capsys):
         assert main(["serve", str(facts["root"]), "--port", str(port)]) == 2
     assert "cannot listen" in capsys.readouterr().err
     assert not (facts["root"] / "viewer").exists()
+
+
+def test_too_long_oversized_and_unsupported_requests_are_refused(server):
+    """Keep: requests that are too long, have oversized headers, or use an unsupported method get
+    414/431/501 (one plain-text line each), and the server goes on serving."""
+    port = server.server.server_address[1]
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    cases = [(b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+             (f"GET /manifest.json HTTP/1.1\r\n{host}".encode() + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+             (f"GET /manifest.json HTTP/1.1\r\n{host}X-Big: {'b' * 70_000}\r\n\r\n".encode(), 431)]
+    cases += [(f"{m} /manifest.json HTTP/1.1\r\n{host}Content-Length: 0\r\n\r\n".encode(), 501)
+              for m in ("POST", "PUT", "DELETE", "OPTIONS")]
+    for request, status in cases:
+        answer = raw(server, request)
+        assert answer.startswith(b"HTTP/1.1 %d " % status), (request[:40], answer[:100])
+        assert b"text/plain" in answer and b"<html" not in answer.lower()
+    assert get(server, "/manifest.json")[0] == 200
+
+
+def test_servers_bind_127_0_0_1_by_default(atlas):
+    """Keep: `serve` and `live` bind 127.0.0.1 unless told otherwise (the flag and the function)."""
+    import inspect
+
+    from deepvis.atlas_viewer.live import server as live_server
+    from deepvis.atlas_viewer.server import make_server
+    from deepvis.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["serve", str(atlas["root"])]).host == "127.0.0.1"
+    assert parser.parse_args(["live", "--model", "efficientnet_lite0"]).host == "127.0.0.1"
+    for fn in (make_server, live_server.make_server, live_server.bind_server):
+        assert inspect.signature(fn).parameters["host"].default == "127.0.0.1"
+    s = make_server(atlas["store"], port=0)
+    try:
+        assert s.server_address[0] == "127.0.0.1"
+    finally:
+        s.server_close()
