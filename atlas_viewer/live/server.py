@@ -254,6 +254,7 @@ class LiveHandler(GuardedHandler):
     def _atlas_object(self, path: str, head: bool):
         from deepvis.atlas_viewer.server import parse_path
         from deepvis.storage.base import content_type
+        from deepvis.storage.store import LinkOutsideStore
 
         if self.live.atlas is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, "no atlas: start with --atlas STORE")
@@ -268,6 +269,8 @@ class LiveHandler(GuardedHandler):
             data = self.live.atlas.store.get(key)
         except (KeyError, ValueError):
             raise HTTPError(HTTPStatus.NOT_FOUND, f"{key!r} is not in the atlas") from None
+        except LinkOutsideStore:   # a link in the atlas to elsewhere on this machine
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"{key!r} is a link out of the atlas; refused") from None
         except Exception as e:
             raise HTTPError(HTTPStatus.BAD_GATEWAY, f"atlas store error: {e}") from None
         self._send(HTTPStatus.OK, data, content_type(key), head)

@@ -394,3 +394,20 @@ def test_keep_live_refusals_and_csp(served, coffee_jpeg):
                           (b"PUT /api/frame HTTP/1.1\r\n" + host + b"Content-Length: 0\r\n\r\n", 501)):
         assert raw(server, request).startswith(b"HTTP/1.1 %d " % code), code
     assert cl.json("GET", "/api/model")[0] == 200
+
+
+def test_atlas_links_out_of_the_atlas_are_refused(served, tmp_path):
+    """#17.2 for live's /atlas/ route: a link in the atlas to a file outside it is 403, and the answer
+    says nothing of the file or of where the atlas is."""
+    import os
+    server, cl = served
+    root = server.RequestHandlerClass.live.atlas.store.root
+    (tmp_path / "secret.png").write_bytes(b"outside the atlas")
+    link = root / "units" / LAYER / "0" / "leak.png"
+    os.symlink(tmp_path / "secret.png", link)
+    try:
+        status, ctype, body = cl.request("GET", f"/atlas/units/{LAYER}/0/leak.png")
+        assert status == 403 and b"outside the atlas" not in body and str(root).encode() not in body
+        assert cl.request("GET", f"/atlas/units/{LAYER}/0/yosinski-3.png")[0] == 200
+    finally:
+        link.unlink()
