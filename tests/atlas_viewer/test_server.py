@@ -475,3 +475,22 @@ def test_servers_bind_127_0_0_1_by_default(atlas):
         assert s.server_address[0] == "127.0.0.1"
     finally:
         s.server_close()
+
+
+def test_host_allowed_rules():
+    """#17.9: the names each binding answers to (checked without binding beyond 127.0.0.1)."""
+    from types import SimpleNamespace
+
+    from deepvis.atlas_viewer.server import GuardedHTTPServer
+    allowed = GuardedHTTPServer.host_allowed
+    lo = SimpleNamespace(server_address=("127.0.0.1", 8000))
+    assert all(allowed(lo, h) for h in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LocalHost:8000"))
+    assert not any(allowed(lo, h) for h in ("127.0.0.1", "127.0.0.1:80", "10.0.0.2:8000", "evil.example:8000",
+                                            "localhost.:8000", "127.0.0.1:8000:1", "", None, "127.0.0.1:08000x"))
+    web = SimpleNamespace(server_address=("127.0.0.1", 80))
+    assert allowed(web, "localhost") and allowed(web, "127.0.0.1:80") and not allowed(web, "evil.example")
+    wild = SimpleNamespace(server_address=("0.0.0.0", 8000))
+    assert allowed(wild, "10.0.0.2:8000") and allowed(wild, "[fe80::1]:8000") and allowed(wild, "localhost:8000")
+    assert not allowed(wild, "evil.example:8000") and not allowed(wild, "10.0.0.2:8001")
+    lan = SimpleNamespace(server_address=("192.168.1.5", 8000))
+    assert allowed(lan, "192.168.1.5:8000") and not allowed(lan, "10.0.0.2:8000")
