@@ -422,17 +422,17 @@ def _atlas_weights(atlas: Atlas, m: dict) -> str | None:
 
 
 def _read_query_image(image) -> "Image.Image":
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from deepvis.storage.images import BadImage, open_image
     if isinstance(image, Image.Image):
         return image
     if not isinstance(image, (str, os.PathLike)):
         raise UserError(f"image must be a file path or a PIL image, not {type(image).__name__}")
     try:
-        img = Image.open(image)
-        img.load()
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        return open_image(image)   # the project's one decoder: bombs refused from the header
+    except BadImage as e:
         raise UserError(f"cannot read image {os.fspath(image)!r} ({e}); pass a JPEG/PNG file") from None
-    return img
 
 
 def _query_image(atlas: Atlas, image, layer: str | None, k: int, model, weights) -> list[QueryHit]:

@@ -173,8 +173,10 @@ class Served:
 
 
 def serve(store) -> Served:
-    from deepvis.atlas_viewer.server import make_server
-    server = make_server(store, "127.0.0.1", 0)
+    """The atlas served as `deepvis serve STORE --dataset-from-manifest` would (the viewer tests link
+    the source images; these atlases are the tests' own, so their manifest is trusted)."""
+    from deepvis.atlas_viewer.server import make_server, manifest_dataset_root
+    server = make_server(store, "127.0.0.1", 0, dataset=manifest_dataset_root(layout.read_manifest(store)))
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     return Served(server, t, Path(store.uri))

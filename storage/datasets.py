@@ -17,30 +17,22 @@ relative (`../other/x.jpg` too); an absolute one outside the root keeps its abso
 sorted ascending (Python str order, the order that breaks ties in the atlas) and unique.
 
 Decoding never fails the build: `read_image` raises BadImage(reason) for files that are missing,
-empty, not images, truncated/corrupt, or larger than `max_pixels` (decompression bombs), and the
-caller skips, counts and lists them. Pixels are not re-oriented by EXIF tags (as torchvision's
-ImageFolder loader); grayscale, palette, CMYK, 16-bit and alpha images become RGB (alpha composited
-on white, as tasks.preprocess.to_rgb).
+empty, not images, truncated/corrupt, or larger than `max_pixels` or storage.images.ImageLimits
+(decompression bombs, absurd sides or aspect ratios), and the caller skips, counts and lists them.
+The decoding itself is storage.images (RGB out, no EXIF re-orientation), shared with `query`,
+`activations` and `live`.
 """
 from __future__ import annotations
 
-import io
 import os
-import warnings
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from deepvis.storage.errors import StoreError
+# BadImage and DEFAULT_MAX_PIXELS are re-exported: callers import them from here
+from deepvis.storage.images import DEFAULT_MAX_PIXELS, BadImage, ImageLimits, decode, open_image  # noqa: F401
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 89_478_485          # PIL's own decompression-bomb threshold
-
-
-class BadImage(Exception):
-    """A dataset file that cannot be used as an image; str(e) is the short reason."""
-
-
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -168,8 +160,10 @@ def image_path(root: str, image_id: str) -> str:
 
 def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                endpoint_url: str | None = None) -> Image.Image:
-    """Decode one image fully into memory as RGB. BadImage(reason) when it cannot be used; an
-    unreachable S3 store raises StoreError (every image would fail: it is not the image's fault)."""
+    """Decode one image fully into memory as RGB (storage.images, the project's one decoder).
+    BadImage(reason) when it cannot be used; an unreachable S3 store raises StoreError (every image
+    would fail: it is not the image's fault)."""
+    limits = ImageLimits(max_pixels=max_pixels)
     if root.startswith("s3://"):
         try:
             data = _s3(root, endpoint_url).get(image_id)
@@ -177,71 +171,6 @@ def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS,
             raise BadImage("file not found") from None
         if not data:
             raise BadImage("empty file")
-        return _decode(io.BytesIO(data), max_pixels)
-    path = image_path(root, image_id)
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
-    except OSError as e:
-        raise BadImage(f"unreadable: {e.strerror or e}") from None
-    if os.path.isdir(path):
-        raise BadImage("a directory, not a file")
-    if size == 0:
-        raise BadImage("empty file")
-    try:
-        with open(path, "rb") as fh:
-            return _decode(fh, max_pixels)
-    except PermissionError as e:
-        raise BadImage(f"unreadable: {e.strerror or e}") from None
+        return decode(data, limits)
+    return open_image(image_path(root, image_id), limits)
 
-
-def _decode(fh, max_pixels: int) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fh)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadImage(f"too large: {w}x{h} = {w * h} pixels > {max_pixels} (decompression bomb?)")
-            if w == 0 or h == 0:
-                raise BadImage(f"empty image ({w}x{h})")
-            img.load()
-            return _to_rgb(img)
-    except BadImage:
-        raise
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"too large (decompression bomb): {e}") from None
-    except UnidentifiedImageError:
-        raise BadImage("not an image (unknown format)") from None
-    except OSError as e:
-        msg = str(e) or type(e).__name__
-        if "truncated" in msg:
-            raise BadImage(f"truncated: {msg}") from None
-        if isinstance(e, PermissionError):
-            raise BadImage(f"unreadable: {e.strerror or msg}") from None
-        raise BadImage(f"corrupt: {msg}") from None
-    except Exception as e:  # noqa: BLE001 - PIL's decoders raise many types on garbage
-        raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB (alpha composited on white, as tasks.preprocess.to_rgb)."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.size and 0 <= arr.min() and arr.max() <= 65535
-                                       and arr.max() > 255):
-            arr = arr / 257.0                            # 16-bit range -> 8-bit
-        elif mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0                            # float images in [0, 1]
-        gray = np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode in ("RGBA", "LA", "RGBa", "La", "PA") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGB", rgba.size, (255, 255, 255))
-        bg.paste(rgba, mask=rgba.split()[-1])
-        return bg
-    return img.convert("RGB")

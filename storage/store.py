@@ -22,6 +22,11 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+class LinkOutsideStore(StoreError):
+    """A key whose path, through symbolic links, leads outside the store's root: refused, so that an
+    atlas someone else made cannot make a reader (a server above all) return any other local file."""
+
+
 class LocalStore(Store):
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
@@ -52,14 +57,27 @@ class LocalStore(Store):
                 pass
             raise
 
+    def _read_path(self, key: str) -> Path:
+        """The path to read `key` from, every symbolic link resolved; LinkOutsideStore when that
+        leaves the root. (Links inside the root are fine: a copied atlas may use them.)"""
+        path = self._path(key)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self.root]) != str(self.root):
+            raise LinkOutsideStore(f"store key {key!r} is a symbolic link that leads outside the store "
+                                   f"({str(self.root)!r}); refused: copy the file into the store instead")
+        return Path(real)
+
     def get(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+            return self._read_path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyError(key) from None
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            return self._read_path(key).is_file()
+        except LinkOutsideStore:
+            return False             # and nothing said about what the link points at
 
     def list(self, prefix: str = "") -> list[str]:
         parts = prefix.split("/")
@@ -89,8 +107,8 @@ class LocalStore(Store):
 
     def open(self, key: str):
         try:
-            return open(self._path(key), "rb")
-        except (FileNotFoundError, IsADirectoryError):
+            return open(self._read_path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyError(key) from None
 
     def local_path(self, key: str) -> str | None:

@@ -4,8 +4,11 @@ to this server and shows the top-5 classes, one layer's tiled activation grid, t
 map, its gradient with respect to the frame, and, when STORE is an atlas of the same model, the
 unit's optimized images and top-k crops.
 
-Server: the standard library's ThreadingHTTPServer, like `deepvis serve`: a few JSON routes need no
-framework, and it keeps the install small. Binds 127.0.0.1 by default.
+Server: the standard library's ThreadingHTTPServer, like `deepvis serve` (their shared
+GuardedHTTPServer: Host checked against DNS rebinding, socket timeout, bounded connections): a few
+JSON routes need no framework, and it keeps the install small. Binds 127.0.0.1 by default.
+Uploads: one plain Content-Length up to --max-upload-mb (no chunked bodies), decoded by
+storage.images with LIMITS checked from the image's header before any pixel is decoded.
 
 Routes
   GET  /                       the page (and /live/<file> its script and style)
@@ -25,16 +28,21 @@ import sys
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from deepvis.atlas_viewer.server import GuardedHandler, GuardedHTTPServer
+from deepvis.storage.images import BadImage, ImageLimits, ImageTooLarge, decode
 
 PAGE_DIR = Path(__file__).resolve().parent
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "live.js": "text/javascript; charset=utf-8",
               "live.css": "text/css; charset=utf-8"}
 
 
-MAX_PIXELS = 40_000_000       # a decoded frame larger than this is refused (decompression bombs)
+# what an uploaded frame may declare in its header (checked before decoding): a webcam frame or a
+# photo fits; a 400000x100 PNG of 39 KB (1.5 GB once resized) or a 40 Mpx bomb does not
+LIMITS = ImageLimits(max_pixels=40_000_000, max_side=16_384, max_aspect=100.0)
+MAX_PIXELS = LIMITS.max_pixels
 
 
 DRAIN_LIMIT = 256 << 20       # a too-large body up to this size is read and dropped, so the client
@@ -157,10 +165,9 @@ class HTTPError(Exception):
 
 
 # ---------------------------------------------------------------- handler
-class LiveHandler(BaseHTTPRequestHandler):
+class LiveHandler(GuardedHandler):
     server_version = "deepvis-live"
     protocol_version = "HTTP/1.1"
-    timeout = 60             # a stalled client frees its thread after this many seconds
     disable_nagle_algorithm = True   # headers and body go in two writes: no 40 ms delayed-ACK stall
     live: Live = None        # set on the subclass made by make_server
     verbose = False
@@ -208,6 +215,9 @@ class LiveHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         q = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         try:
+            refused = self.host_refusal()
+            if refused is not None:      # a POST's body is not read: the connection closes
+                raise HTTPError(*refused, close=True)
             if method == "POST":
                 if url.path == "/api/frame":
                     return self._frame(q)
@@ -244,6 +254,7 @@ class LiveHandler(BaseHTTPRequestHandler):
     def _atlas_object(self, path: str, head: bool):
         from deepvis.atlas_viewer.server import parse_path
         from deepvis.storage.base import content_type
+        from deepvis.storage.store import LinkOutsideStore
 
         if self.live.atlas is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, "no atlas: start with --atlas STORE")
@@ -258,6 +269,8 @@ class LiveHandler(BaseHTTPRequestHandler):
             data = self.live.atlas.store.get(key)
         except (KeyError, ValueError):
             raise HTTPError(HTTPStatus.NOT_FOUND, f"{key!r} is not in the atlas") from None
+        except LinkOutsideStore:   # a link in the atlas to elsewhere on this machine
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"{key!r} is a link out of the atlas; refused") from None
         except Exception as e:
             raise HTTPError(HTTPStatus.BAD_GATEWAY, f"atlas store error: {e}") from None
         self._send(HTTPStatus.OK, data, content_type(key), head)
@@ -283,10 +296,26 @@ class LiveHandler(BaseHTTPRequestHandler):
     # ---- POST helpers
     def _discard_body(self):
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            n = 0
-        self._drain(n)
+            n = self._length()
+        except HTTPError:
+            self.close_connection = True     # where the body ends is unknown: no next request
+            return
+        if n is None or not self._drain(n):
+            self.close_connection = True
+
+    def _length(self) -> int | None:
+        """The request's Content-Length (None when absent). One plain decimal number, or 400: '-1'
+        once read the body to its end, past --max-upload-mb; '+5', ' 5', '5_0' are what int()
+        accepts and no HTTP peer means; two different lengths are a smuggling attempt."""
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return None
+        raw = values[0].strip()
+        if len(set(v.strip() for v in values)) > 1 or not raw.isascii() or not raw.isdigit():
+            shown = ", ".join(values)[:60]
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {shown!r}: send the body's size in bytes, "
+                                                    f"one decimal number", close=True)
+        return int(raw) if len(raw) <= 18 else 10 ** 18
 
     def _drain(self, n: int) -> bool:
         """Read and drop n bytes; False when the client went away first."""
@@ -298,13 +327,12 @@ class LiveHandler(BaseHTTPRequestHandler):
         return True
 
     def _body(self) -> bytes:
-        raw = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or raw is None:
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the image with a Content-Length, not chunked",
+                            close=True)
+        n = self._length()
+        if n is None:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the image with a Content-Length", close=True)
-        try:
-            n = int(raw)
-        except ValueError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw!r}", close=True) from None
         limit = self.live.max_bytes
         if n > limit:
             mb = limit / 1e6
@@ -319,21 +347,16 @@ class LiveHandler(BaseHTTPRequestHandler):
         return data
 
     def _image(self, data: bytes):
-        from PIL import Image, UnidentifiedImageError
-
+        """The project's one decoder (storage.images), with the limits for uploads."""
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                    f"the image is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,}")
-                img.load()
-                return img.copy()
-        except HTTPError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            return decode(data, LIMITS)
+        except ImageTooLarge as e:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                            f"the image is refused: {e} (limits: {LIMITS.max_side:,} pixels a side, "
+                            f"{LIMITS.max_pixels:,} pixels, {LIMITS.max_aspect:g}:1)") from None
+        except BadImage as e:
             raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                            f"not an image this server can decode ({type(e).__name__}); send a JPEG, PNG or "
-                            f"WebP frame") from None
+                            f"not an image this server can decode ({e}); send a JPEG, PNG or WebP frame") from None
 
     def _input(self, q: dict, need_unit: bool):
         """Body + query -> (client, layer, unit, preprocessed tensor, decode ms)."""
@@ -417,9 +440,16 @@ def default_layer(layers) -> str:
     return spatial[len(spatial) // 2].name
 
 
-def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, layer: str | None = None,
-                max_bytes: int = 20_000_000, device: str = "cpu", verbose: bool = False) -> ThreadingHTTPServer:
-    """The live server for a loaded model (not started: call serve_forever). Bad layer -> UserError."""
+def bind_server(host: str = "127.0.0.1", port: int = 0, max_connections: int = 64,
+                timeout: float = 60.0) -> GuardedHTTPServer:
+    """The live server's socket, bound and listening, not yet answering: `deepvis live` binds before
+    it loads the model, so a port in use is reported at once. attach() gives it the model."""
+    return GuardedHTTPServer((host, port), LiveHandler, max_connections, timeout)
+
+
+def attach(server: GuardedHTTPServer, lm, atlas_store=None, layer: str | None = None, max_bytes: int = 20_000_000,
+           device: str = "cpu", verbose: bool = False) -> GuardedHTTPServer:
+    """Give a bound server its model (and atlas); bad layer -> UserError. Then call serve_forever."""
     from deepvis.tasks.errors import UserError
     from deepvis.tasks.layers import enumerate_layers
 
@@ -428,7 +458,17 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, la
         raise UserError(f"layer {layer!r} has no image-shaped output; run `deepvis layers {lm.name}`")
     atlas = AtlasLink(atlas_store, lm.name, lm.weights) if atlas_store is not None else None
     live = Live(lm, device, layers, layer or default_layer(layers), atlas, max_bytes)
-    handler = type("Handler", (LiveHandler,), {"live": live, "verbose": verbose})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    server.RequestHandlerClass = type("Handler", (LiveHandler,), {"live": live, "verbose": verbose})
     return server
+
+
+def make_server(lm, host: str = "127.0.0.1", port: int = 0, atlas_store=None, layer: str | None = None,
+                max_bytes: int = 20_000_000, device: str = "cpu", verbose: bool = False,
+                max_connections: int = 64, timeout: float = 60.0) -> GuardedHTTPServer:
+    """The live server for a loaded model (not started: call serve_forever). Bad layer -> UserError."""
+    server = bind_server(host, port, max_connections, timeout)
+    try:
+        return attach(server, lm, atlas_store, layer, max_bytes, device, verbose)
+    except BaseException:
+        server.server_close()
+        raise

@@ -53,16 +53,14 @@ def _inputs(path: Path) -> list[Path]:
 
 
 def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
+    """storage.images, the decoder the build and `live` use (RGB, bombs refused from the header)."""
+    from deepvis.storage.images import BadImage, open_image
     from deepvis.tasks.errors import UserError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot read {str(path)!r} as an image ({type(e).__name__}); pass a JPEG/PNG/... "
+        return open_image(path)
+    except BadImage as e:
+        raise UserError(f"cannot read {str(path)!r} as an image ({e}); pass a JPEG/PNG/... "
                         f"image, a video file or a folder of them") from None
 
 

@@ -35,22 +35,35 @@ def add_parser(sub):
 
 def run(args) -> int:
     from deepvis.cli.args import resolve_device
-    from deepvis.atlas_viewer.live.server import make_server
-    from deepvis.atlas_viewer.server import listen_error, serve_until_interrupted, server_url
+    from deepvis.atlas_viewer.live.server import bind_server
+    from deepvis.atlas_viewer.server import check_port, listen_error
     from deepvis.storage.store import open_store
     from deepvis.tasks.errors import UserError
-    from deepvis.tasks.models import load_model
 
     if not args.max_upload_mb > 0:
         raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    check_port(args.port)
     device = resolve_device(args.device)
     store = open_store(args.atlas, args.endpoint_url) if args.atlas else None
-    lm = load_model(args.model, args.weights, device=device)
-    try:
-        server = make_server(lm, args.host, args.port, store, args.layer, int(args.max_upload_mb * 1e6),
-                             device, args.verbose)
+    try:   # bind before the model loads: a port in use is reported at once, not after the load
+        server = bind_server(args.host, args.port)
     except OSError as e:
         raise listen_error(args.host, args.port, e) from None
+    try:
+        _start(server, args, store, device)
+    finally:
+        server.server_close()
+    return 0
+
+
+def _start(server, args, store, device: str) -> None:
+    """Load the model into the bound server and serve until Ctrl-C."""
+    from deepvis.atlas_viewer.live.server import attach
+    from deepvis.atlas_viewer.server import serve_until_interrupted, server_url
+    from deepvis.tasks.models import load_model
+
+    lm = load_model(args.model, args.weights, device=device)
+    attach(server, lm, store, args.layer, int(args.max_upload_mb * 1e6), device, args.verbose)
     live = server.RequestHandlerClass.live
     url = server_url(server, "/")
     print(f"live activations of {lm.name} on {device} at {url}", flush=True)
@@ -58,4 +71,3 @@ def run(args) -> int:
         print(f"atlas: {live.atlas.store.uri}" + (f" ({live.atlas.reason})" if live.atlas.reason else ""), flush=True)
     serve_until_interrupted(server, url, "send frames; browsers allow the webcam only on localhost or https",
                             args.open, stopped=lambda: f"stopped after {live.frames} frames")
-    return 0

@@ -56,6 +56,10 @@ def _tiny_atlas(root, presets=("yosinski-3",)):
     return store
 
 
+def _host(server) -> bytes:
+    return b"127.0.0.1:%d" % server.server_address[1]
+
+
 def _png(arr) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -157,6 +161,7 @@ def test_atlas_of_another_model_is_not_joined(lite0, tmp_path):
 
 
 def test_bad_input_clear_errors_and_server_keeps_serving(served, coffee_jpeg):
+    """Keep: `live` refuses non-images, too-large bodies and chunked uploads cleanly, and keeps serving."""
     _, cl = served
     conn = http.client.HTTPConnection(*served[0].server_address[:2], timeout=60)
     big = b"\xff\xd8" + bytes(50_000_000)                                      # 50 MB
@@ -182,9 +187,9 @@ def test_bad_input_clear_errors_and_server_keeps_serving(served, coffee_jpeg):
     assert status == 400 and "empty" in d["error"]
     status, d = cl.json("POST", "/api/elsewhere", b"x")
     assert status == 404
-    # a frame with no Content-Length
+    # a frame with no Content-Length (Keep: chunked uploads are refused cleanly)
     s = socket.create_connection(served[0].server_address[:2])
-    s.sendall(b"POST /api/frame HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    s.sendall(b"POST /api/frame HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" % _host(served[0]))
     assert s.recv(200).startswith(b"HTTP/1.1 411")
     s.close()
     status, d = cl.json("POST", f"/api/frame?layer={LAYER}", coffee_jpeg)
@@ -195,13 +200,13 @@ def test_client_disconnecting_mid_frame(served, coffee_jpeg):
     server, cl = served
     for _ in range(3):
         s = socket.create_connection(server.server_address[:2])
-        s.sendall(f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(coffee_jpeg)}\r\n\r\n"
-                  .encode() + coffee_jpeg[: len(coffee_jpeg) // 3])
+        s.sendall(f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: {_host(server).decode()}\r\n"
+                  f"Content-Length: {len(coffee_jpeg)}\r\n\r\n".encode() + coffee_jpeg[: len(coffee_jpeg) // 3])
         s.close()
     # and one that leaves while its answer is being computed
     s = socket.create_connection(server.server_address[:2])
-    s.sendall(f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(coffee_jpeg)}\r\n\r\n"
-              .encode() + coffee_jpeg)
+    s.sendall(f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: {_host(server).decode()}\r\n"
+              f"Content-Length: {len(coffee_jpeg)}\r\n\r\n".encode() + coffee_jpeg)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
     time.sleep(0.5)
@@ -256,3 +261,153 @@ def test_cli_errors(capsys, tmp_path):
         assert main(["live", "--model", "efficientnet_lite0", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------- issue #17: hostile uploads, servers
+def raw(server, data: bytes, timeout: float = 30) -> bytes:
+    """Send bytes as they are, then read the whole answer (until the server closes)."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as s:
+        out = b""
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, BrokenPipeError, OSError) as e:   # a refusal may close first
+            if isinstance(e, TimeoutError):
+                raise
+        return out
+
+
+def _post(server, headers: str, body: bytes = b"") -> tuple[int, str]:
+    answer = raw(server, f"POST /api/frame?layer={LAYER} HTTP/1.1\r\nHost: 127.0.0.1:{server.server_address[1]}\r\n"
+                 f"{headers}Connection: close\r\n\r\n".encode() + body)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest)["error"]
+
+
+@pytest.mark.parametrize("lengths", [["-1"], ["-5000000"], ["+100"], ["1_0"], ["0x10"], ["1e3"], ["ten"], ["10", "20"],
+                                     ["99999999999999999999999"]])
+def test_bad_content_length_is_refused(served, lengths):
+    """#17.4: Content-Length -1 used to read the body to its end, past --max-upload-mb; any length that
+    is not one plain decimal number is a 400 and nothing of the body is read."""
+    server, cl = served
+    headers = "".join(f"Content-Length: {n}\r\n" for n in lengths)
+    status, err = _post(server, headers, b"\xff\xd8" + bytes(100_000))
+    assert ("Content-Length" in err or "limit is 5 MB" in err) and "\n" not in err, err
+    assert status == (413 if lengths == ["99999999999999999999999"] else 400), (lengths, status, err)
+    assert cl.json("GET", "/api/model")[0] == 200
+
+
+@pytest.mark.parametrize("w,h", [(400000, 100), (39999999, 1), (20000, 100), (8000, 8000)])
+def test_image_caps_are_checked_before_decoding(served, w, h):
+    """#17.4: width, height, aspect ratio and pixels are capped from the header (the pixel stream
+    here is garbage: a decoder that got that far would answer 415, not 413)."""
+    from tests.bombs import png
+    server, cl = served
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", png(w, h, pixels=False))
+    assert status == 413 and f"{w}x{h}" in d["error"], d
+
+
+def test_a_real_wide_bomb_is_refused(served):
+    """#17.4: the 39 KB 400000x100 PNG of the issue (decoded: ~1.5 GB after the resize)."""
+    from tests.bombs import png
+    _, cl = served
+    status, d = cl.json("POST", f"/api/gradient?layer={LAYER}&unit=0", png(400000, 100))
+    assert status == 413 and "400000x100" in d["error"]
+
+
+def test_live_checks_host(served, coffee_jpeg):
+    """#17.9: DNS rebinding: a page of evil.example must not reach the model or the atlas."""
+    server, cl = served
+    port = server.server_address[1]
+    for req in (f"GET /api/model HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode(),
+                f"POST /api/frame HTTP/1.1\r\nHost: evil.example:{port}\r\nContent-Length: {len(coffee_jpeg)}\r\n\r\n"
+                .encode() + coffee_jpeg,
+                f"GET /atlas/units/{LAYER}/0/yosinski-3.png HTTP/1.1\r\nHost: 127.0.0.1:{port + 1}\r\n\r\n".encode()):
+        answer = raw(server, req)
+        assert answer.startswith(b"HTTP/1.1 421 ") and b"not this server's" in answer, answer[:200]
+    assert raw(server, f"GET /api/model HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
+               .encode()).startswith(b"HTTP/1.1 200 ")
+
+
+def test_live_times_out_and_bounds_connections(lite0):
+    """#17.9 for `live`: a half request is dropped after the timeout; beyond max_connections, 503."""
+    from deepvis.atlas_viewer.live.server import make_server
+    server = make_server(lite0, "127.0.0.1", 0, max_connections=1, timeout=2)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=20) as c:
+            c.sendall(b"POST /api/fra")
+            deadline = time.time() + 20
+            answer = b""
+            while not answer.startswith(b"HTTP/1.1 503") and time.time() < deadline:
+                answer = raw(server, b"GET /api/model HTTP/1.1\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503 ")
+            assert c.recv(100) == b""                       # the half request timed out: closed
+        deadline = time.time() + 20
+        while not answer.startswith(b"HTTP/1.1 200") and time.time() < deadline:
+            answer = raw(server, b"GET /api/model HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % _host(server))
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_cli_binds_before_loading_the_model(capsys):
+    """#17.9: a port in use is reported at once, before the model loads (a model that cannot load
+    would otherwise be the error, after the whole load)."""
+    from deepvis.cli import main
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["live", "--model", "no_such_module_deepvis:make", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "\n" not in err
+    assert main(["live", "--model", "efficientnet_lite0", "--port", "99999"]) == 2
+    assert "--port 99999" in capsys.readouterr().err
+
+
+def test_keep_live_refusals_and_csp(served, coffee_jpeg):
+    """Keep: `live` refuses truncated images and decompression bombs cleanly (and non-images, big
+    bodies and chunked uploads: test_bad_input_clear_errors_and_server_keeps_serving); its page
+    has a CSP and its script no innerHTML; 414/431/501 as for `serve`."""
+    from tests.bombs import png
+    server, cl = served
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", coffee_jpeg[: len(coffee_jpeg) // 2])
+    assert status == 415 and "truncated" in d["error"]
+    status, d = cl.json("POST", f"/api/frame?layer={LAYER}", png(20000, 20000, pixels=False))  # PIL's bomb error
+    assert status == 413 and "too large" in d["error"]
+    c = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    c.request("GET", "/")
+    r = c.getresponse()
+    r.read()
+    csp = r.getheader("Content-Security-Policy")
+    assert "script-src 'self'" in csp and "object-src 'none'" in csp and "unsafe-inline" not in csp
+    from deepvis.atlas_viewer.live.server import PAGE_DIR
+    assert "innerHTML" not in (PAGE_DIR / "live.js").read_text()
+    host = b"Host: %s\r\n" % _host(server)
+    for request, code in ((b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+                          (b"GET /api/model HTTP/1.1\r\n" + host + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+                          (b"PUT /api/frame HTTP/1.1\r\n" + host + b"Content-Length: 0\r\n\r\n", 501)):
+        assert raw(server, request).startswith(b"HTTP/1.1 %d " % code), code
+    assert cl.json("GET", "/api/model")[0] == 200
+
+
+def test_atlas_links_out_of_the_atlas_are_refused(served, tmp_path):
+    """#17.2 for live's /atlas/ route: a link in the atlas to a file outside it is 403, and the answer
+    says nothing of the file or of where the atlas is."""
+    import os
+    server, cl = served
+    root = server.RequestHandlerClass.live.atlas.store.root
+    (tmp_path / "secret.png").write_bytes(b"outside the atlas")
+    link = root / "units" / LAYER / "0" / "leak.png"
+    os.symlink(tmp_path / "secret.png", link)
+    try:
+        status, ctype, body = cl.request("GET", f"/atlas/units/{LAYER}/0/leak.png")
+        assert status == 403 and b"outside the atlas" not in body and str(root).encode() not in body
+        assert cl.request("GET", f"/atlas/units/{LAYER}/0/yosinski-3.png")[0] == 200
+    finally:
+        link.unlink()
