@@ -6,6 +6,16 @@ from deepvis.storage.errors import StoreError
 from deepvis.storage.store import Store, open_store
 
 
+def crop_key(row: dict, schema_version: int = layout.SCHEMA_VERSION) -> str | None:
+    """The store key of a topk row's crop (a dict with layer, unit, kind, rank and, from schema
+    version 2 on, crop), for atlases of either layout: version 2 names it in the row's `crop` column
+    (content-addressed crops/<sha>.jpg, None when no crop was written); version 1 (no `crop`
+    column) kept it at units/<layer>/<unit>/<kind>-<rank>.jpg."""
+    if "crop" in row and int(schema_version) >= 2:
+        return row["crop"]
+    return layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"]))
+
+
 class Atlas:
     def __init__(self, store: Store, manifest: dict):
         self.store = store
@@ -34,8 +44,9 @@ class Atlas:
         table = layout.read_table(self.store, layout.TOPK, filters=[
             ("layer", "=", layer), ("unit", "=", int(unit)), ("kind", "=", kind), ("rank", "<", int(k))])
         rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
+        version = int(self.manifest.get("schema_version") or 1)
         for r in rows:
-            r["crop"] = layout.unit_key(layer, unit, layout.crop_name(kind, r["rank"]))
+            r["crop"] = crop_key(r, version)
         return rows
 
     def unit_stats(self, layer: str | None = None) -> list[dict]:

@@ -19,9 +19,10 @@ the layer. For a plain conv net the surrogate is linear (checked numerically at 
 f(a + b) = f(a) + f(b), f(2a) = 2 f(a)), so the tangents are simply run through it, in float32 (in
 float64 when the smallest derivative seen comes within 1e-30 of underflow); otherwise (multiplicative
 gates, norms over channels) forward-mode AD (jvp) in float64. All positions of all layers asked for
-come out of one sweep to the deepest of them; `receptive_boxes` caches per (model, input size,
+come out of one sweep to the deepest of them (`all_layer_maps`, N x C layers included: what a build
+computes once and ships to its crop tasks); `receptive_boxes` caches per (model, input size,
 device) and, on a miss, sweeps the whole default layer set at once. Cost of that sweep for
-efficientnet_lite0 at 224: ~1 s on an H200, 30-60 s on 2 CPU cores.
+efficientnet_lite0 at 224 (all 66 default layers): see BENCHMARKS.md, "Receptive fields: one sweep".
 
 Limits: operations that mix signs inside (layer/group norm, softmax attention) are generically but
 not provably cancellation-free; a global operation (squeeze-excitation, attention, global pooling)
@@ -279,47 +280,28 @@ _cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 _lock = threading.Lock()
 
 
+def all_layer_maps(model, layers: list[str], input_size: int, device="cpu",
+                   chunk: int | None = None) -> dict[str, RFMap]:
+    """Every layer asked for, N x C layers included, in ONE sweep to the deepest of them (the
+    tangents' outputs at an N x C layer are its single position). What a build computes once and
+    ships to its crop work (cluster.crops): receptive fields depend only on the architecture and
+    the input size."""
+    return receptive_field_maps(model, layers, input_size, device, chunk)
+
+
 def _cached_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:
     key = (int(input_size), str(torch.device(device)))
     with _lock:
         per_model = _cache.setdefault(module, {})
         maps = per_model.setdefault(key, {})
         if layer not in maps:
+            # a miss sweeps the WHOLE default layer set (plus this layer) at once: the old
+            # sweep-up-to-this-layer recomputed every earlier layer again for each deeper one
             from deepvis.tasks.layers import resolve_layers
-            order = [i for i in resolve_layers(module, int(input_size), None, device=device)]
-            names = [i.name for i in order]
-            info = order[names.index(layer)] if layer in names else None
-            if info is not None and len(info.shape) == 1:
-                # an N x C layer has one position: one reverse-mode pass instead of a sweep
-                maps[layer] = _vector_layer_map(module, layer, int(input_size), device)
-            else:
-                # one sweep for the layer asked for and every default-set layer before it: the
-                # forward stops at the deepest one, so the earlier ones come for free
-                upto = names[:names.index(layer) + 1] if info is not None else [layer]
-                wanted = [n for n in upto if n not in maps or n == layer]
-                maps.update(receptive_field_maps(module, list(dict.fromkeys([layer] + wanted)),
-                                                 input_size, device))
+            names = [i.name for i in resolve_layers(module, int(input_size), None, device=device)]
+            names = [n for n in names if n not in maps] + ([layer] if layer not in names else [])
+            maps.update(all_layer_maps(module, names, input_size, device))
         return maps[layer]
-
-
-def _vector_layer_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:
-    """The box of an N x C layer: the input pixels with a nonzero derivative of the sum of its
-    outputs, through the same positive surrogate (so no derivative vanishes by chance)."""
-    sur = _surrogate(module, device, torch.float64)
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.rand(1, 3, input_size, input_size, generator=gen, dtype=torch.float64) + 0.5).to(device)
-    x.requires_grad_(True)
-    with _Transparent(), hooked(sur, [layer]) as run:
-        out = run(x)[layer]
-    (g,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
-    nz = torch.zeros(input_size, input_size, dtype=torch.bool) if g is None else (g[0] != 0).any(dim=0).cpu()
-    cols, rows = nz.any(dim=0).nonzero().flatten(), nz.any(dim=1).nonzero().flatten()
-    if len(cols) == 0:
-        box = (0, 0, input_size, input_size)   # sees no pixel: give the whole input
-    else:
-        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    one = lambda v: np.full((1, 1), v, dtype=np.int32)  # noqa: E731
-    return RFMap(one(box[0]), one(box[1]), one(box[2]), one(box[3]))
 
 
 def receptive_boxes(model, layer: str, input_size: int, positions: list[tuple[int, int]],

@@ -48,9 +48,12 @@ def _jpg(rng, size: int) -> bytes:
 
 
 def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, units_index: bool = True,
-                         presets: list[str] | None = None, img_size: int = 32, k: int = 3) -> dict:
+                         presets: list[str] | None = None, img_size: int = 32, k: int = 3,
+                         schema: int = 1) -> dict:
     """Write a synthetic atlas (and its dataset folder root/../<name>-dataset) following DESIGN.md.
-    Returns facts the tests check against."""
+    schema 1: per-unit crops units/<layer>/<unit>/<kind>-<rank>.jpg, topk without a `crop` column
+    (atlases built before schema 2 must keep opening); schema 2: shared crops/<sha>.jpg named by the
+    `crop` column. Returns facts the tests check against."""
     presets = PRESETS if presets is None else presets
     rng = np.random.default_rng(0)
     store = LocalStore(root)
@@ -73,7 +76,8 @@ def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, u
     missing_png = (MID, 1, presets[0]) if presets else None
     missing_crop = (MID, 0, "bottom", k - 1) if topk else None
 
-    unit_rows, top_cols = [], {f.name: [] for f in layout.TOPK_SCHEMA}
+    topk_schema = layout.TOPK_SCHEMA_V1 if schema == 1 else layout.TOPK_SCHEMA
+    unit_rows, top_cols = [], {f.name: [] for f in topk_schema}
     histories = {}
     for l in layers:
         for u in l["selected"]:
@@ -103,21 +107,27 @@ def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, u
                 for kind in ("top", "bottom"):
                     for rank in range(k):
                         j = len(images) - 1 - rank if kind == "top" else rank
+                        missing = (l["name"], u, kind, rank) == missing_crop
+                        box = (1, 1, 99, 119) if missing else (0, 0, 100 + rank, 120)   # its own crop
+                        crop = (layout.unit_key(l["name"], u, layout.crop_name(kind, rank)) if schema == 1
+                                else layout.crop_key(images[order[j]], box))
                         for c, v in (("layer", l["name"]), ("unit", u), ("kind", kind), ("rank", rank),
                                      ("activation", float(acts[j])), ("image", images[order[j]]),
-                                     ("y", rank), ("x", rank + 1), ("x0", 0), ("y0", 0), ("x1", 100 + rank), ("y1", 120)):
-                            top_cols[c].append(v)
-                        if (l["name"], u, kind, rank) != missing_crop:
-                            store.put(layout.unit_key(l["name"], u, layout.crop_name(kind, rank)), _jpg(rng, 24))
+                                     ("y", rank), ("x", rank + 1), ("x0", box[0]), ("y0", box[1]), ("x1", box[2]),
+                                     ("y1", box[3]), ("crop", crop)):
+                            if c in top_cols:
+                                top_cols[c].append(v)
+                        if not missing and not (schema > 1 and store.exists(crop)):
+                            store.put(crop, _jpg(rng, 24))
     if topk:
-        layout.write_topk(store, top_cols)
+        layout.write_topk(store, top_cols, topk_schema)
     if units_index:
         store.put(layout.UNITS, layout.table_bytes(layout.units_table(unit_rows, presets)))
     for (name, p), rows in histories.items():
         layout.put_json(store, layout.record_key(f"opt/{name}/0-9-{p}"),
                         {"id": f"opt/{name}/0-9", "hash": "x", "summary": {"layer": name, "rows": rows}})
     manifest = {
-        "schema_version": layout.SCHEMA_VERSION, "status": "failed" if failed_units else "complete",
+        "schema_version": schema, "status": "failed" if failed_units else "complete",
         "model": {"name": "synthnet", "source": "synthetic", "weights": "none", "input_size": 224,
                   "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
                                     "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
