@@ -156,11 +156,16 @@ class _Extents:
         if deriv is None:                  # the output does not depend on the input at all
             nz = torch.zeros((n, *shape[2:]), dtype=torch.bool, device=self.device)
         else:
+            # "some channel nonzero" as "channel max of |d| > 0": one reduction instead of compare,
+            # index and any over the whole map (those took 2/3 of the sweep's time). The smallest
+            # nonzero |d| (the float32 underflow guard) is read on each axis' first chunk only:
+            # magnitudes depend on the depth, not on which columns a chunk holds
             a = deriv.abs()
-            nz = a != 0
-            if nz.any():
-                self.tiny = min(self.tiny, float(a[nz].min()))
-            nz = nz.any(dim=1) if nz.dim() > 1 else nz   # over channels -> (n, H, W) or (n,)
+            if self.start == 0:
+                pos = a[a > 0]
+                if pos.numel():
+                    self.tiny = min(self.tiny, float(pos.min()))
+            nz = (a.amax(dim=1) if a.dim() > 1 else a) > 0   # over channels -> (n, H, W) or (n,)
         if nz.dim() == 1:
             nz = nz.view(n, 1, 1)
         elif nz.dim() != 3:
@@ -244,6 +249,9 @@ def receptive_field_maps(model, layers: list[str], input_size: int, device="cpu"
 
 def _sweep_linear(sur, names, s, device, dtype, chunk) -> _Extents:
     ext = _Extents(s, device)
+    # channels_last: the same values, about 1.4x faster convolutions on CPU (BENCHMARKS.md)
+    fmt = torch.channels_last
+    sur = sur.to(memory_format=fmt)
 
     def on_output(name, out):
         ext.update(name, out, out.shape)
@@ -253,7 +261,7 @@ def _sweep_linear(sur, names, s, device, dtype, chunk) -> _Extents:
             for start in range(0, s, chunk):
                 n = min(chunk, s - start)
                 ext.axis, ext.start = axis, start
-                run(_tangents(axis, start, n, s, device, dtype))
+                run(_tangents(axis, start, n, s, device, dtype).contiguous(memory_format=fmt))
     return ext
 
 
