@@ -28,10 +28,10 @@ def dataset(sample_dir, tmp_path_factory) -> Path:
     return ds
 
 
-def build(out, ds, **kw):
+def build(out, ds, log=print):
     cfg = BuildConfig(model="efficientnet_lite0", layers=",".join(LAYERS), units="0:4", presets="none",
-                      dataset=str(ds), k=3, out=str(out), progress=False, actors=1, **kw)
-    return run_build(cfg)
+                      dataset=str(ds), k=3, out=str(out), progress=False, actors=1)
+    return run_build(cfg, log=log)
 
 
 @pytest.fixture(scope="module")
