@@ -290,11 +290,42 @@ _lock = threading.Lock()
 
 def all_layer_maps(model, layers: list[str], input_size: int, device="cpu",
                    chunk: int | None = None) -> dict[str, RFMap]:
-    """Every layer asked for, N x C layers included, in ONE sweep to the deepest of them (the
-    tangents' outputs at an N x C layer are its single position). What a build computes once and
-    ships to its crop work (cluster.crops): receptive fields depend only on the architecture and
-    the input size."""
-    return receptive_field_maps(model, layers, input_size, device, chunk)
+    """Every layer asked for: the N x C x H x W ones in ONE sweep to the deepest of them, each
+    N x C layer (one position) by one reverse-mode pass, which costs one forward and backward
+    instead of a sweep through the whole network. What a build computes once and ships to its crop
+    work (cluster.crops): receptive fields depend only on the architecture and the input size."""
+    module = as_module(model)
+    names = list(dict.fromkeys(layers))
+    with torch.no_grad(), hooked(module, names) as run:   # output ranks, from one zero image
+        dims = {n: o.dim() for n, o in run(torch.zeros(1, 3, int(input_size), int(input_size),
+                                                        device=device)).items()}
+    maps = receptive_field_maps(module, [n for n in names if dims[n] != 2], input_size, device, chunk)
+    for n in names:
+        if dims[n] == 2:
+            maps[n] = _vector_layer_map(module, n, int(input_size), device)
+    return {n: maps[n] for n in names}
+
+
+def _vector_layer_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:
+    """The box of an N x C layer: the input pixels with a nonzero derivative of the sum of its
+    outputs, through the same positive surrogate (so no derivative vanishes by chance)."""
+    sur = _surrogate(module, device, torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(1, 3, input_size, input_size, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    x.requires_grad_(True)
+    with _Transparent(), hooked(sur, [layer]) as run:
+        out = run(x)[layer]
+    (g,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+    nz = torch.zeros(input_size, input_size, dtype=torch.bool) if g is None else (g[0] != 0).any(dim=0).cpu()
+    cols, rows = nz.any(dim=0).nonzero().flatten(), nz.any(dim=1).nonzero().flatten()
+    if len(cols) == 0:
+        box = (0, 0, input_size, input_size)   # sees no pixel: give the whole input
+    else:
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    one = lambda v: np.full((1, 1), v, dtype=np.int32)  # noqa: E731
+    return RFMap(one(box[0]), one(box[1]), one(box[2]), one(box[3]))
+
+
 
 
 def _cached_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:

@@ -17,7 +17,7 @@ from deepvis.cluster.config import BuildConfig
 from deepvis.storage import layout
 from deepvis.storage.store import LocalStore
 
-LAYERS = ["_blocks.1", "_blocks.5", "_conv_head", "_fc"]   # small boxes .. the whole input
+LAYERS = ["_blocks.1", "_blocks.3", "_fc"]   # small boxes .. the whole input (_fc)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_distinct_crops_equal_each_units_own_crop(atlas, dataset):
     assert len(rows) == len(LAYERS) * 4 * 2 * 3
     pre = load_model("efficientnet_lite0", None).preprocessing
     distinct = {r["crop"] for r in rows}
-    assert len(distinct) < len(rows)                 # _conv_head/_fc boxes are the whole input: shared
+    assert len(distinct) < len(rows)                 # _fc boxes are the whole input: shared
     assert {p.relative_to(out).as_posix() for p in (out / "crops").iterdir()} == distinct
     for r in rows:
         box = (r["x0"], r["y0"], r["x1"], r["y1"])
@@ -96,7 +96,7 @@ def test_crop_tasks_run_on_more_than_one_process(atlas):
     """1 actor and 1 dataset shard, yet the crops come from several worker processes (Ray tasks)."""
     out, logs = atlas
     recs = records(out)
-    assert len(recs) >= 4
+    assert len(recs) >= 3
     pids = {r["summary"]["pid"] for r in recs.values()}
     assert len(pids) >= 2, pids
     assert sum(r["summary"]["crops"] for r in recs.values()) == len(list((out / "crops").iterdir()))
