@@ -349,7 +349,7 @@ def test_unit_page_crops_of_either_layout(page, tmp_path, schema):
         page.wait_for_selector("#bottom figure")
         assert all_images_loaded(page) == []
         assert page.get_attribute('#bottom figure[data-rank="2"] .ph', "data-missing") == "missing"
-        srcs = page.eval_on_selector_all("#top figure img", "els => els.map(e => e.getAttribute('src'))")
+        srcs = page.eval_on_selector_all(".row.crops.top figure img", "els => els.map(e => e.getAttribute('src'))")
         want = [r["crop"] for r in Atlas.open(facts["store"]).top_images(MID, 0, 3)]
         assert [s.split("?")[0] for s in srcs] == [f"../{k}" for k in want] and len(srcs) == 3
         assert all(k.startswith("crops/" if schema == 2 else f"units/{MID}/0/top-") for k in want)
