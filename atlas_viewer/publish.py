@@ -263,24 +263,34 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
         hist = [histories.get((name, u, p)) for u in units]
         data["history"][p] = hist if any(h for h in hist) else None
     if urows is not None:
-        stats = {}
-        for c in ("mean", "std", "max", "frac_positive"):
-            stats[c] = [_num((urows.get(u) or {}).get(c)) for u in units]
-        stats["count"] = [int((urows.get(u) or {}).get("count") or 0) for u in units]
-        # an optional histogram of the unit's activations over the dataset, when the build records
-        # one: columns hist (list of counts), hist_lo, hist_hi (the range the bins split evenly)
-        if any("hist" in (urows.get(u) or {}) for u in units):
-            stats["hist"] = [(urows.get(u) or {}).get("hist") for u in units]
-            stats["hist_lo"] = [_num((urows.get(u) or {}).get("hist_lo")) for u in units]
-            stats["hist_hi"] = [_num((urows.get(u) or {}).get("hist_hi")) for u in units]
-        if any(v is not None for v in stats["mean"]) or any(stats["count"]):
-            data["stats"] = stats
+        data["stats"] = _stats(urows, units)
     if topk_rows is not None:
         images: dict[str, int] = {}
         rows = _topk_rows(topk_rows, units, present, images, schema)
         data["images"] = list(images)
         data["top"], data["bottom"] = rows["top"], rows["bottom"]
 
+    return data, _layer_summary(l, data, presets, units)
+
+
+def _stats(urows: dict, units: list[int]) -> dict | None:
+    """A layer's per-unit dataset statistics, columnar (None when the build had no dataset pass)."""
+    stats = {}
+    for c in ("mean", "std", "max", "frac_positive"):
+        stats[c] = [_num((urows.get(u) or {}).get(c)) for u in units]
+    stats["count"] = [int((urows.get(u) or {}).get("count") or 0) for u in units]
+    # an optional histogram of the unit's activations over the dataset, when the build records
+    # one: columns hist (list of counts), hist_lo, hist_hi (the range the bins split evenly)
+    if any("hist" in (urows.get(u) or {}) for u in units):
+        stats["hist"] = [(urows.get(u) or {}).get("hist") for u in units]
+        stats["hist_lo"] = [_num((urows.get(u) or {}).get("hist_lo")) for u in units]
+        stats["hist_hi"] = [_num((urows.get(u) or {}).get("hist_hi")) for u in units]
+    return stats if any(v is not None for v in stats["mean"]) or any(stats["count"]) else None
+
+
+def _layer_summary(l: dict, data: dict, presets: list[str], units: list[int]) -> dict:
+    """model.json's entry of a layer: counts and the problem lists, from its layer data."""
+    name = l["name"]
     n = len(units)
     dead_any = [any(bool((data["dead"][p] or [None] * n)[i]) for p in presets) for i in range(n)]
     summary = {
@@ -306,7 +316,7 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
             u for i, u in enumerate(units) if u not in failed_any
             and any(not r[8] for kind in ("top", "bottom") for r in data[kind][i])],
     }
-    return data, summary
+    return summary
 
 
 # ---------------------------------------------------------------- entry point
