@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from deepvis.storage import layout
+from deepvis.storage.atlas import crop_key
 from deepvis.storage.store import Store
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -137,9 +138,14 @@ def _pool():
 TOP_VIEW = "top-0"        # a grid view of every unit's strongest dataset crop (besides the presets)
 
 
-def _view_file(view: str) -> str:
-    """The unit object a grid view shows: '<preset>.png', or the rank-0 top crop."""
-    return layout.crop_name("top", 0) if view == TOP_VIEW else f"{view}.png"
+def _view_keys(layer: str, view: str, units: list[int], topk_rows: list[dict] | None,
+               schema: int) -> list[str | None]:
+    """The object each unit's tile in a grid view shows: units/<layer>/<u>/<preset>.png, or the
+    rank-0 top crop (its key from the topk row: either crop layout, storage.atlas.crop_key)."""
+    if view != TOP_VIEW:
+        return [layout.unit_key(layer, u, f"{view}.png") for u in units]
+    first = {r["unit"]: crop_key(r, schema) for r in topk_rows or [] if r["kind"] == "top" and r["rank"] == 0}
+    return [first.get(u) for u in units]
 
 
 def _tile(data: bytes, tile: int) -> Image.Image | None:
@@ -156,25 +162,25 @@ def _tile(data: bytes, tile: int) -> Image.Image | None:
     return im
 
 
-def _write_sprites(store: Store, layer: str, view: str, units: list[int], present: list[int],
+def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], present: list[int],
                    tile: int, per_sheet: int) -> tuple[list[str | None], list[int]]:
     """Sheets of the units' optimized images; returns (sheet file names or None, present flags
     after decoding: a damaged PNG counts as missing)."""
     cols = int(math.ceil(math.sqrt(per_sheet)))
     names: list[str | None] = []
     ok = list(present)
-    for n, start in enumerate(range(0, len(units), per_sheet)):
-        chunk = units[start:start + per_sheet]
+    for n, start in enumerate(range(0, len(keys), per_sheet)):
+        chunk = keys[start:start + per_sheet]
         rows = int(math.ceil(len(chunk) / cols))
         sheet = Image.new("RGB", (min(len(chunk), cols) * tile, rows * tile), (0, 0, 0))
         any_tile = False
 
-        def load(u):
-            data = store.get_or_none(layout.unit_key(layer, u, _view_file(view)))
+        def load(key):
+            data = store.get_or_none(key)
             return _tile(data, tile) if data is not None else None
-        todo = [(j, u) for j, u in enumerate(chunk) if ok[start + j]]
+        todo = [(j, key) for j, key in enumerate(chunk) if ok[start + j]]
         # fetches overlap (an S3 store is latency-bound), decoding releases the GIL; order is kept
-        for (j, u), im in zip(todo, _pool().map(load, [u for _, u in todo])):
+        for (j, _), im in zip(todo, _pool().map(load, [key for _, key in todo])):
             if im is None:
                 ok[start + j] = 0
                 continue
@@ -192,9 +198,9 @@ def _write_sprites(store: Store, layer: str, view: str, units: list[int], presen
 
 
 # ---------------------------------------------------------------- per layer
-def _topk_rows(table, layer: str, units: list[int], present: set[str], images: dict[str, int]):
+def _topk_rows(table, units: list[int], present: set[str], images: dict[str, int], schema: int):
     """{"top": [rows per unit], "bottom": ...}; row = [activation, image index, y, x, x0, y0, x1, y1,
-    crop present 0/1, rank]; rank order."""
+    crop present 0/1, rank, crop key (relative to the atlas root, either layout)]; rank order."""
     out = {"top": [[] for _ in units], "bottom": [[] for _ in units]}
     if table is None:
         return None
@@ -206,9 +212,10 @@ def _topk_rows(table, layer: str, units: list[int], present: set[str], images: d
         img = r["image"]
         if img not in images:
             images[img] = len(images)
-        crop = layout.unit_key(layer, r["unit"], layout.crop_name(r["kind"], r["rank"])) in present
+        key = crop_key(r, schema)
         out[r["kind"]][i].append((r["rank"], [_num(r["activation"]), images[img], r["y"], r["x"],
-                                              r["x0"], r["y0"], r["x1"], r["y1"], int(crop), r["rank"]]))
+                                              r["x0"], r["y0"], r["x1"], r["y1"], int(key in present),
+                                              r["rank"], key]))
     for kind in out:
         out[kind] = [[row for _, row in sorted(rows, key=lambda t: t[0])] for rows in out[kind]]
     return out
@@ -216,10 +223,11 @@ def _topk_rows(table, layer: str, units: list[int], present: set[str], images: d
 
 def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units_rows: dict | None,
                 topk_rows: list[dict] | None, failed: dict, histories: dict, tile: int, per_sheet: int,
-                version: str) -> tuple[dict, dict]:
+                version: str, crops_present: set[str]) -> tuple[dict, dict]:
     name = l["name"]
     units = [int(u) for u in (l.get("selected") or range(l["units"]))]
-    present = set(store.list(f"units/{name}/"))
+    present = set(store.list(f"units/{name}/")) | crops_present
+    schema = int(manifest.get("schema_version") or 1)
     model = manifest.get("model") or {}
     labels = model.get("labels")
     is_output = bool(labels) and model.get("output_layer") == name
@@ -238,8 +246,9 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
     # grid views: one per preset, and the top dataset crop when there was a dataset pass
     data["views"] = presets + ([TOP_VIEW] if topk_rows else [])
     for v in data["views"]:
-        flags = [int(layout.unit_key(name, u, _view_file(v)) in present) for u in units]
-        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, units, flags, tile, per_sheet)
+        keys = _view_keys(name, v, units, topk_rows, schema)
+        flags = [int(k in present) for k in keys]
+        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, keys, flags, tile, per_sheet)
     for p in presets:
         if urows is not None:
             data["opt"][p] = [_num((urows.get(u) or {}).get(f"opt_{p}")) for u in units]
@@ -254,24 +263,34 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
         hist = [histories.get((name, u, p)) for u in units]
         data["history"][p] = hist if any(h for h in hist) else None
     if urows is not None:
-        stats = {}
-        for c in ("mean", "std", "max", "frac_positive"):
-            stats[c] = [_num((urows.get(u) or {}).get(c)) for u in units]
-        stats["count"] = [int((urows.get(u) or {}).get("count") or 0) for u in units]
-        # an optional histogram of the unit's activations over the dataset, when the build records
-        # one: columns hist (list of counts), hist_lo, hist_hi (the range the bins split evenly)
-        if any("hist" in (urows.get(u) or {}) for u in units):
-            stats["hist"] = [(urows.get(u) or {}).get("hist") for u in units]
-            stats["hist_lo"] = [_num((urows.get(u) or {}).get("hist_lo")) for u in units]
-            stats["hist_hi"] = [_num((urows.get(u) or {}).get("hist_hi")) for u in units]
-        if any(v is not None for v in stats["mean"]) or any(stats["count"]):
-            data["stats"] = stats
+        data["stats"] = _stats(urows, units)
     if topk_rows is not None:
         images: dict[str, int] = {}
-        rows = _topk_rows(topk_rows, name, units, present, images)
+        rows = _topk_rows(topk_rows, units, present, images, schema)
         data["images"] = list(images)
         data["top"], data["bottom"] = rows["top"], rows["bottom"]
 
+    return data, _layer_summary(l, data, presets, units)
+
+
+def _stats(urows: dict, units: list[int]) -> dict | None:
+    """A layer's per-unit dataset statistics, columnar (None when the build had no dataset pass)."""
+    stats = {}
+    for c in ("mean", "std", "max", "frac_positive"):
+        stats[c] = [_num((urows.get(u) or {}).get(c)) for u in units]
+    stats["count"] = [int((urows.get(u) or {}).get("count") or 0) for u in units]
+    # an optional histogram of the unit's activations over the dataset, when the build records
+    # one: columns hist (list of counts), hist_lo, hist_hi (the range the bins split evenly)
+    if any("hist" in (urows.get(u) or {}) for u in units):
+        stats["hist"] = [(urows.get(u) or {}).get("hist") for u in units]
+        stats["hist_lo"] = [_num((urows.get(u) or {}).get("hist_lo")) for u in units]
+        stats["hist_hi"] = [_num((urows.get(u) or {}).get("hist_hi")) for u in units]
+    return stats if any(v is not None for v in stats["mean"]) or any(stats["count"]) else None
+
+
+def _layer_summary(l: dict, data: dict, presets: list[str], units: list[int]) -> dict:
+    """model.json's entry of a layer: counts and the problem lists, from its layer data."""
+    name = l["name"]
     n = len(units)
     dead_any = [any(bool((data["dead"][p] or [None] * n)[i]) for p in presets) for i in range(n)]
     summary = {
@@ -297,7 +316,7 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
             u for i, u in enumerate(units) if u not in failed_any
             and any(not r[8] for kind in ("top", "bottom") for r in data[kind][i])],
     }
-    return data, summary
+    return summary
 
 
 # ---------------------------------------------------------------- entry point
@@ -332,6 +351,7 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
             topk_by_layer.setdefault(r["layer"], []).append(r)
     failed = _failed_units(manifest)
     histories = _opt_histories(store)
+    crops_present = set(store.list(f"{layout.CROPS}/"))   # schema 2's shared crops, listed once
 
     old = set(store.list(f"{DATA}/"))
     written = set()
@@ -339,7 +359,7 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     for l in manifest.get("layers", []):
         data, summary = _layer_data(store, manifest, l, presets, units_rows,
                                     None if topk_by_layer is None else topk_by_layer.get(l["name"], []),
-                                    failed, histories, tile, per_sheet, version)
+                                    failed, histories, tile, per_sheet, version, crops_present)
         key = layer_data_key(l["name"])
         store.put(key, _dumps(data))
         written.add(key)

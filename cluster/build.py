@@ -1,7 +1,8 @@
 """`deepvis build`: plan shards of units/images, run them on a Ray actor pool, write the atlas.
 
 Phases: (1) optimization shards and dataset shards in one pool, (2) merge the dataset shards' partial
-top-k states, (3) receptive-field crop shards, (4) index Parquet files, manifest and viewer.
+top-k states, (3) crops (cluster/crops.py: receptive fields once, each distinct crop once, Ray
+tasks), (4) index Parquet files, manifest and viewer.
 Every shard leaves a completion record holding a hash of all that determines its output; a re-run
 skips shards whose record matches."""
 from __future__ import annotations
@@ -174,6 +175,7 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
 # ---------------------------------------------------------------- the build
 def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     import ray
+    from deepvis.cluster.crops import run_crop_phase
     from deepvis.cluster.pool import ShardPool
     from deepvis.cluster.worker import ShardWorker
 
@@ -224,16 +226,9 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
             failed.update(run_shards(todo, finished))
             if plan.data_shards and not any(s["id"] in failed for s in plan.data_shards):
                 merged = _merge_dataset(store, plan)
-                crop_shards = _crop_shards(plan, merged)
-                crop_done = _finished_records(store, crop_shards)
-                crop_todo = [s for s in crop_shards if s["id"] not in crop_done]
-                bars.start_crops(len(crop_shards), len(crop_shards) - len(crop_todo))
-
-                def cropped(shard, summary):
-                    crop_done[shard["id"]] = summary
-                    bars.update(shard, summary)
-                failed.update(run_shards(crop_todo, cropped))
-                topk_rows = _topk_rows(plan, merged, crop_done)
+                crops = run_crop_phase(store, plan, merged, log)
+                failed.update(crops.failed)
+                topk_rows = _topk_rows(plan, merged, crops)
                 stats = {l["name"]: merged[l["name"]].result()["stats"] for l in plan.layers}
         finally:
             bars.close()
@@ -280,45 +275,27 @@ def _merge_dataset(store: Store, plan: Plan) -> dict:
     return merged
 
 
-def _crop_shards(plan: Plan, merged: dict, per: int = 64) -> list[dict]:
-    base = {**_base_hash(plan), "dataset": _dataset_uri(plan.cfg.dataset)}
-    shards = []
+def _topk_rows(plan: Plan, merged: dict, crops) -> dict[str, list]:
+    """index/topk.parquet's columns, (layer, unit, kind, rank) order; boxes and crop keys from the
+    crop phase (cluster.crops.CropIndex)."""
+    cols: dict[str, list] = {f.name: [] for f in layout.TOPK_SCHEMA}
     for l in plan.layers:
-        res = merged[l["name"]].result()
-        units = l["selected"]
-        for i in range(0, len(units), per):
-            entries = []
-            for u in units[i:i + per]:
-                for kind in ("top", "bottom"):
-                    r = res[kind]
-                    for rank in range(r["activation"].shape[1]):
-                        entries.append({"unit": u, "kind": kind, "rank": rank, "image": str(r["image"][u][rank]),
-                                        "y": int(r["y"][u][rank]), "x": int(r["x"][u][rank])})
-            shard = {"type": "crop", "layer": l["name"], "entries": entries}
-            shard["id"] = f"crop/{l['name']}/{units[i]}-{units[min(i + per, len(units)) - 1]}"
-            shard["hash"] = _hash({**base, **shard})
-            shards.append(shard)
-    return shards
-
-
-def _topk_rows(plan: Plan, merged: dict, crop_done: dict) -> dict[str, list]:
-    boxes = {}
-    for summary in crop_done.values():
-        for e in summary["entries"]:
-            boxes[(summary["layer"], e["unit"], e["kind"], e["rank"])] = e["box"]
-    cols = {f.name: [] for f in layout.TOPK_SCHEMA}
-    for l in plan.layers:
-        res = merged[l["name"]].result()
-        for u in l["selected"]:
+        res, sel = merged[l["name"]].result(), l["selected"]
+        k = res["top"]["activation"].shape[1]
+        for i, u in enumerate(sel):
             for kind in ("top", "bottom"):
-                r = res[kind]
-                for rank in range(r["activation"].shape[1]):
-                    x0, y0, x1, y1 = boxes.get((l["name"], u, kind, rank), (-1, -1, -1, -1))
-                    for c, v in (("layer", l["name"]), ("unit", u), ("kind", kind), ("rank", rank),
-                                 ("activation", float(r["activation"][u][rank])), ("image", str(r["image"][u][rank])),
-                                 ("y", int(r["y"][u][rank])), ("x", int(r["x"][u][rank])),
-                                 ("x0", x0), ("y0", y0), ("x1", x1), ("y1", y1)):
-                        cols[c].append(v)
+                r, boxes, keys = res[kind], crops.boxes[(l["name"], kind)], crops.keys[(l["name"], kind)]
+                cols["layer"] += [l["name"]] * k
+                cols["unit"] += [u] * k
+                cols["kind"] += [kind] * k
+                cols["rank"] += range(k)
+                cols["activation"] += r["activation"][u].tolist()
+                cols["image"] += [str(v) for v in r["image"][u]]
+                cols["y"] += r["y"][u].tolist()
+                cols["x"] += r["x"][u].tolist()
+                for c, col in (("x0", 0), ("y0", 1), ("x1", 2), ("y1", 3)):
+                    cols[c] += boxes[i, :, col].tolist()
+                cols["crop"] += keys[i]
     return cols
 
 

@@ -24,7 +24,6 @@ class ShardWorker:
         self.dataset = dataset
         self.presets_file = presets_file
         self.endpoint_url = endpoint_url  # for an s3:// dataset (the store carries its own)
-        self._images: dict[str, object] = {}  # decoded crop inputs, reused across a crop shard
         # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): they decode
         # images while the GPU computes; a CPU actor's one core keeps 2 decoders busy enough
         self.decoders = max(2, threads or 1) if str(self.device).startswith("cuda") else 2
@@ -41,7 +40,7 @@ class ShardWorker:
 
     def run(self, shard: dict) -> dict:
         kind = shard["type"]
-        summary = {"opt": self._optimize, "data": self._dataset, "crop": self._crops}[kind](shard)
+        summary = {"opt": self._optimize, "data": self._dataset}[kind](shard)
         layout.put_json(self.store, layout.record_key(shard["id"]),
                         {"id": shard["id"], "hash": shard["hash"], "summary": summary})
         return summary
@@ -123,35 +122,3 @@ class ShardWorker:
         state = {f"L{i}": red.state_dict() for i, red in enumerate(reducers)}
         self.store.put(layout.state_key(shard["id"]), layout.pack_state(state))
         return {"images": len(ids), "seen": seen, "skipped": skipped}
-
-    # ---------------------------------------------------------------- receptive-field crops
-    def _crops(self, shard: dict) -> dict:
-        from deepvis.storage.datasets import BadImage, dataset_root, read_image
-        from deepvis.tasks.preprocess import crop_input
-        from deepvis.tasks.receptive import receptive_boxes
-
-        layer, entries = shard["layer"], shard["entries"]
-        positions = sorted({(e["y"], e["x"]) for e in entries})
-        boxes = dict(zip(positions, receptive_boxes(self.lm.module, layer, self.lm.input_size, positions,
-                                                    device=self.device)))
-        root = dataset_root(self.dataset)
-        out = []
-        for e in entries:
-            box = boxes[(e["y"], e["x"])]
-            img = self._images.get(e["image"])
-            if img is None:
-                try:
-                    img = crop_input(read_image(root, e["image"], endpoint_url=self.endpoint_url), self.lm.preprocessing)
-                except BadImage:  # vanished or changed since the dataset pass: keep the row, no crop
-                    out.append({**e, "box": list(box), "crop": False})
-                    continue
-                if len(self._images) > 512:
-                    self._images.clear()
-                self._images[e["image"]] = img
-            buf = io.BytesIO()
-            img.crop(box).save(buf, format="JPEG", quality=90)
-            self.store.put(layout.unit_key(layer, e["unit"], layout.crop_name(e["kind"], e["rank"])), buf.getvalue())
-            out.append({**e, "box": list(box), "crop": True})
-        self._images.clear()
-        return {"layer": layer, "entries": out}
-

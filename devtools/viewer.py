@@ -48,9 +48,11 @@ class _Synth:
     """The state of one synthetic atlas being written: random numbers are drawn in a fixed order
     (dataset images, then unit by unit), so the same arguments give the same atlas."""
 
-    def __init__(self, root: Path, big_units: int, topk: bool, presets: list[str], img_size: int, k: int):
+    def __init__(self, root: Path, big_units: int, topk: bool, presets: list[str], img_size: int, k: int,
+                 schema: int):
         self.rng, self.store, self.topk, self.presets = np.random.default_rng(0), LocalStore(root), topk, presets
-        self.img_size, self.k = img_size, k
+        self.img_size, self.k, self.schema = img_size, k, schema
+        self.topk_schema = layout.TOPK_SCHEMA_V1 if schema == 1 else layout.TOPK_SCHEMA
         self.layers = [
             {"name": BIG, "kind": "conv", "shape": [big_units, 7, 7], "units": big_units, "selected": list(range(big_units))},
             {"name": MID, "kind": "block", "shape": [32, 14, 14], "units": 32, "selected": list(range(8))},
@@ -62,7 +64,7 @@ class _Synth:
         self.missing_png = (MID, 1, presets[0]) if presets else None
         self.missing_crop = (MID, 0, "bottom", k - 1) if topk else None
         self.unit_rows, self.histories = [], {}
-        self.top_cols = {f.name: [] for f in layout.TOPK_SCHEMA}
+        self.top_cols = {f.name: [] for f in self.topk_schema}
 
     def dataset(self, ds_root: Path) -> None:
         ds_root.mkdir(parents=True, exist_ok=True)
@@ -105,18 +107,24 @@ class _Synth:
         for kind in ("top", "bottom"):
             for rank in range(self.k):
                 j = n - 1 - rank if kind == "top" else rank
+                missing = (layer, u, kind, rank) == self.missing_crop
+                box = (1, 1, 99, 119) if missing else (0, 0, 100 + rank, 120)   # its own crop
+                crop = (layout.unit_key(layer, u, layout.crop_name(kind, rank)) if self.schema == 1
+                        else layout.crop_key(self.images[order[j]], box))
                 for c, v in (("layer", layer), ("unit", u), ("kind", kind), ("rank", rank),
                              ("activation", float(acts[j])), ("image", self.images[order[j]]),
-                             ("y", rank), ("x", rank + 1), ("x0", 0), ("y0", 0), ("x1", 100 + rank), ("y1", 120)):
-                    self.top_cols[c].append(v)
-                if (layer, u, kind, rank) != self.missing_crop:
-                    self.store.put(layout.unit_key(layer, u, layout.crop_name(kind, rank)), _jpg(self.rng, 24))
+                             ("y", rank), ("x", rank + 1), ("x0", box[0]), ("y0", box[1]), ("x1", box[2]),
+                             ("y1", box[3]), ("crop", crop)):
+                    if c in self.top_cols:
+                        self.top_cols[c].append(v)
+                if not missing and not (self.schema > 1 and self.store.exists(crop)):
+                    self.store.put(crop, _jpg(self.rng, 24))
 
     def manifest(self) -> dict:
         labels = [XSS_LABEL] + [f"class_{i}" for i in range(1, 10)]
         n = len(self.images)
         return {
-            "schema_version": layout.SCHEMA_VERSION, "status": "failed" if self.failed_units else "complete",
+            "schema_version": self.schema, "status": "failed" if self.failed_units else "complete",
             "model": {"name": "synthnet", "source": "synthetic", "weights": "none", "input_size": 224,
                       "preprocessing": {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
                                         "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"},
@@ -134,17 +142,20 @@ class _Synth:
 
 
 def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, units_index: bool = True,
-                         presets: list[str] | None = None, img_size: int = 32, k: int = 3) -> dict:
+                         presets: list[str] | None = None, img_size: int = 32, k: int = 3,
+                         schema: int = 1) -> dict:
     """Write a synthetic atlas (and its dataset folder root/../<name>-dataset) following FORMAT.md.
-    Returns facts the tests check against."""
+    schema 1: per-unit crops units/<layer>/<unit>/<kind>-<rank>.jpg, topk without a `crop` column
+    (atlases built before schema 2 must keep opening); schema 2: shared crops/<sha>.jpg named by the
+    `crop` column. Returns facts the tests check against."""
     presets = PRESETS if presets is None else presets
-    s = _Synth(root, big_units, topk, presets, img_size, k)
+    s = _Synth(root, big_units, topk, presets, img_size, k, schema)
     s.dataset(Path(str(root) + "-dataset"))
     for l in s.layers:
         for u in l["selected"]:
             s.unit(l["name"], u)
     if topk:
-        layout.write_topk(s.store, s.top_cols)
+        layout.write_topk(s.store, s.top_cols, s.topk_schema)
     if units_index:
         s.store.put(layout.UNITS, layout.table_bytes(layout.units_table(s.unit_rows, presets)))
     for (name, p), rows in s.histories.items():

@@ -9,6 +9,16 @@ from deepvis.storage.errors import StoreError
 from deepvis.storage.store import Store, open_store
 
 
+def crop_key(row: dict, schema_version: int = layout.SCHEMA_VERSION) -> str | None:
+    """The store key of a topk row's crop (a dict with layer, unit, kind, rank and, from schema
+    version 2 on, crop), for atlases of either layout: version 2 names it in the row's `crop` column
+    (content-addressed crops/<sha>.jpg, None when no crop was written); version 1 (no `crop`
+    column) kept it at units/<layer>/<unit>/<kind>-<rank>.jpg."""
+    if "crop" in row and int(schema_version) >= 2:
+        return row["crop"]
+    return layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"]))
+
+
 class Atlas:
     def __init__(self, store: Store, manifest: dict):
         self.store = store
@@ -37,14 +47,14 @@ class Atlas:
         table = layout.read_table(self.store, layout.TOPK, filters=[
             ("layer", "=", layer), ("unit", "=", int(unit)), ("kind", "=", kind), ("rank", "<", int(k))])
         rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
+        version = int(self.manifest.get("schema_version") or 1)
         for r in rows:
-            r["crop"] = self.crop_key(r)
+            r["crop"] = crop_key(r, version)
         return rows
 
-    def crop_key(self, row: dict) -> str:
-        """The object key of the crop of one index/topk.parquet row (layer, unit, kind, rank, image,
-        box...). The one place that knows where crops live, so a new crop layout changes only this."""
-        return layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"]))
+    def crop_key(self, row: dict) -> str | None:
+        """The object key of the crop of one index/topk.parquet row of this atlas (either layout)."""
+        return crop_key(row, int(self.manifest.get("schema_version") or 1))
 
     def units_table(self, layer: str | None = None) -> pa.Table:
         """index/units.parquet (one row per built unit: dataset stats, per-preset measures), or
@@ -54,8 +64,11 @@ class Atlas:
         filters = [("layer", "=", layer)] if layer else None
         return layout.read_table(self.store, layout.UNITS, filters=filters)
 
-    def read_object(self, key: str, what: str) -> bytes:
+    def read_object(self, key: str | None, what: str) -> bytes:
         """An object's bytes; a missing one is a StoreError naming it (`what`: e.g. "crop")."""
+        if key is None:   # schema 2: the build could not read the source image, so wrote no crop
+            raise StoreError(f"no {what} was written for this row of {self.store.uri!r} (its source "
+                             f"image was unreadable during the build)")
         data = self.store.get_or_none(key)
         if data is None:
             raise StoreError(f"{what} {key} missing in {self.store.uri!r}; re-run the build that made "

@@ -2,6 +2,7 @@
 build's internal completion records. No torch here."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
@@ -13,7 +14,11 @@ import pyarrow.parquet as pq
 from deepvis.storage.errors import StoreError
 from deepvis.storage.store import Store
 
-SCHEMA_VERSION = 1
+# 2: dataset crops are content-addressed objects crops/<sha>.jpg, one per distinct (image, box), named
+#    by index/topk.parquet's `crop` column (null: no crop). 1: units/<layer>/<unit>/<kind>-<rank>.jpg,
+#    no `crop` column. Readers handle both (storage.atlas.crop_key).
+SCHEMA_VERSION = 2
+CROPS = "crops"
 MANIFEST = "manifest.json"
 TOPK = "index/topk.parquet"
 UNITS = "index/units.parquet"
@@ -24,7 +29,10 @@ TOPK_SCHEMA = pa.schema([
     ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int16()),
     ("activation", pa.float32()), ("image", pa.string()), ("y", pa.int32()), ("x", pa.int32()),
     ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
+    ("crop", pa.string()),
 ])
+# schema_version 1's topk (no `crop` column): what tests write to check that old atlases still open
+TOPK_SCHEMA_V1 = pa.schema([f for f in TOPK_SCHEMA if f.name != "crop"])
 # rows per Parquet row group of topk: a query for one unit reads one small group (stats pruning)
 TOPK_ROW_GROUP = 4096
 
@@ -41,7 +49,16 @@ def preset_image(preset: str, index: int = 0) -> str:
 
 
 def crop_name(kind: str, rank: int) -> str:
+    """Schema version 1's per-unit crop object name (under unit_key)."""
     return f"{kind}-{int(rank)}.jpg"
+
+
+def crop_key(image: str, box) -> str:
+    """Schema version 2: the one object holding the crop `box` (x0, y0, x1, y1) of dataset image
+    `image`, shared by every (layer, unit, kind, rank) with that image and box."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    digest = hashlib.sha256(f"{image}\n{x0},{y0},{x1},{y1}".encode()).hexdigest()[:24]
+    return f"{CROPS}/{digest}.jpg"
 
 
 def record_key(shard_id: str) -> str:
@@ -133,13 +150,13 @@ def table_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
-def topk_table(rows: dict[str, list]) -> pa.Table:
+def topk_table(rows: dict[str, list], schema: pa.Schema = TOPK_SCHEMA) -> pa.Table:
     """rows: column -> list, in TOPK_SCHEMA order; sorted by the caller (layer, unit, kind, rank)."""
-    return pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in TOPK_SCHEMA}, schema=TOPK_SCHEMA)
+    return pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in schema}, schema=schema)
 
 
-def write_topk(store: Store, rows: dict[str, list]) -> None:
-    store.put(TOPK, table_bytes(topk_table(rows), TOPK_ROW_GROUP))
+def write_topk(store: Store, rows: dict[str, list], schema: pa.Schema = TOPK_SCHEMA) -> None:
+    store.put(TOPK, table_bytes(topk_table(rows, schema), TOPK_ROW_GROUP))
 
 
 QUALITY = ("act", "ratio", "hf", "robust")   # per preset: tasks.quality's measures of its image

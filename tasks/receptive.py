@@ -19,9 +19,10 @@ the layer. For a plain conv net the surrogate is linear (checked numerically at 
 f(a + b) = f(a) + f(b), f(2a) = 2 f(a)), so the tangents are simply run through it, in float32 (in
 float64 when the smallest derivative seen comes within 1e-30 of underflow); otherwise (multiplicative
 gates, norms over channels) forward-mode AD (jvp) in float64. All positions of all layers asked for
-come out of one sweep to the deepest of them; `receptive_boxes` caches per (model, input size,
+come out of one sweep to the deepest of them (`all_layer_maps`, N x C layers included: what a build
+computes once and ships to its crop tasks); `receptive_boxes` caches per (model, input size,
 device) and, on a miss, sweeps the whole default layer set at once. Cost of that sweep for
-efficientnet_lite0 at 224: ~1 s on an H200, 30-60 s on 2 CPU cores.
+efficientnet_lite0 at 224 (all 66 default layers): see BENCHMARKS.md, "Receptive fields: one sweep".
 
 Limits: operations that mix signs inside (layer/group norm, softmax attention) are generically but
 not provably cancellation-free; a global operation (squeeze-excitation, attention, global pooling)
@@ -155,11 +156,16 @@ class _Extents:
         if deriv is None:                  # the output does not depend on the input at all
             nz = torch.zeros((n, *shape[2:]), dtype=torch.bool, device=self.device)
         else:
+            # "some channel nonzero" as "channel max of |d| > 0": one reduction instead of compare,
+            # index and any over the whole map (those took 2/3 of the sweep's time). The smallest
+            # nonzero |d| (the float32 underflow guard) is read on each axis' first chunk only:
+            # magnitudes depend on the depth, not on which columns a chunk holds
             a = deriv.abs()
-            nz = a != 0
-            if nz.any():
-                self.tiny = min(self.tiny, float(a[nz].min()))
-            nz = nz.any(dim=1) if nz.dim() > 1 else nz   # over channels -> (n, H, W) or (n,)
+            if self.start == 0:
+                pos = a[a > 0]
+                if pos.numel():
+                    self.tiny = min(self.tiny, float(pos.min()))
+            nz = (a.amax(dim=1) if a.dim() > 1 else a) > 0   # over channels -> (n, H, W) or (n,)
         if nz.dim() == 1:
             nz = nz.view(n, 1, 1)
         elif nz.dim() != 3:
@@ -243,6 +249,9 @@ def receptive_field_maps(model, layers: list[str], input_size: int, device="cpu"
 
 def _sweep_linear(sur, names, s, device, dtype, chunk) -> _Extents:
     ext = _Extents(s, device)
+    # channels_last: the same values, about 1.4x faster convolutions on CPU (BENCHMARKS.md)
+    fmt = torch.channels_last
+    sur = sur.to(memory_format=fmt)
 
     def on_output(name, out):
         ext.update(name, out, out.shape)
@@ -252,7 +261,7 @@ def _sweep_linear(sur, names, s, device, dtype, chunk) -> _Extents:
             for start in range(0, s, chunk):
                 n = min(chunk, s - start)
                 ext.axis, ext.start = axis, start
-                run(_tangents(axis, start, n, s, device, dtype))
+                run(_tangents(axis, start, n, s, device, dtype).contiguous(memory_format=fmt))
     return ext
 
 
@@ -279,27 +288,22 @@ _cache: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 _lock = threading.Lock()
 
 
-def _cached_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:
-    key = (int(input_size), str(torch.device(device)))
-    with _lock:
-        per_model = _cache.setdefault(module, {})
-        maps = per_model.setdefault(key, {})
-        if layer not in maps:
-            from deepvis.tasks.layers import resolve_layers
-            order = [i for i in resolve_layers(module, int(input_size), None, device=device)]
-            names = [i.name for i in order]
-            info = order[names.index(layer)] if layer in names else None
-            if info is not None and len(info.shape) == 1:
-                # an N x C layer has one position: one reverse-mode pass instead of a sweep
-                maps[layer] = _vector_layer_map(module, layer, int(input_size), device)
-            else:
-                # one sweep for the layer asked for and every default-set layer before it: the
-                # forward stops at the deepest one, so the earlier ones come for free
-                upto = names[:names.index(layer) + 1] if info is not None else [layer]
-                wanted = [n for n in upto if n not in maps or n == layer]
-                maps.update(receptive_field_maps(module, list(dict.fromkeys([layer] + wanted)),
-                                                 input_size, device))
-        return maps[layer]
+def all_layer_maps(model, layers: list[str], input_size: int, device="cpu",
+                   chunk: int | None = None) -> dict[str, RFMap]:
+    """Every layer asked for: the N x C x H x W ones in ONE sweep to the deepest of them, each
+    N x C layer (one position) by one reverse-mode pass, which costs one forward and backward
+    instead of a sweep through the whole network. What a build computes once and ships to its crop
+    work (cluster.crops): receptive fields depend only on the architecture and the input size."""
+    module = as_module(model)
+    names = list(dict.fromkeys(layers))
+    with torch.no_grad(), hooked(module, names) as run:   # output ranks, from one zero image
+        dims = {n: o.dim() for n, o in run(torch.zeros(1, 3, int(input_size), int(input_size),
+                                                        device=device)).items()}
+    maps = receptive_field_maps(module, [n for n in names if dims[n] != 2], input_size, device, chunk)
+    for n in names:
+        if dims[n] == 2:
+            maps[n] = _vector_layer_map(module, n, int(input_size), device)
+    return {n: maps[n] for n in names}
 
 
 def _vector_layer_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:
@@ -320,6 +324,23 @@ def _vector_layer_map(module: nn.Module, layer: str, input_size: int, device) ->
         box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     one = lambda v: np.full((1, 1), v, dtype=np.int32)  # noqa: E731
     return RFMap(one(box[0]), one(box[1]), one(box[2]), one(box[3]))
+
+
+
+
+def _cached_map(module: nn.Module, layer: str, input_size: int, device) -> RFMap:
+    key = (int(input_size), str(torch.device(device)))
+    with _lock:
+        per_model = _cache.setdefault(module, {})
+        maps = per_model.setdefault(key, {})
+        if layer not in maps:
+            # a miss sweeps the WHOLE default layer set (plus this layer) at once: the old
+            # sweep-up-to-this-layer recomputed every earlier layer again for each deeper one
+            from deepvis.tasks.layers import resolve_layers
+            names = [i.name for i in resolve_layers(module, int(input_size), None, device=device)]
+            names = [n for n in names if n not in maps] + ([layer] if layer not in names else [])
+            maps.update(all_layer_maps(module, names, input_size, device))
+        return maps[layer]
 
 
 def receptive_boxes(model, layer: str, input_size: int, positions: list[tuple[int, int]],

@@ -2,7 +2,8 @@
 //
 // Reads ./data/model.json and ./data/layers/<layer>.json (written by atlas_viewer/publish.py), the
 // layer sprite sheets ./data/sprites/<layer>/<preset>-<n>.png, and the atlas's own images
-// ../units/<layer>/<unit>/<preset>.png, top-<r>.jpg, bottom-<r>.jpg. All URLs are relative, so the
+// ../units/<layer>/<unit>/<preset>.png, and the dataset crops the layer data's rows name: schema 2's
+// shared ../crops/<sha>.jpg, or schema 1's ../units/<layer>/<unit>/top-<r>.jpg. All URLs are relative, so the
 // viewer works wherever the atlas lies (a static server, an S3 website, `deepvis serve`).
 //
 // Safety: every string from data (layer names, image ids, class names, errors) reaches the page
@@ -148,6 +149,12 @@ function isDead(d, i) {
 
 function unitImageURL(layer, unit, name) {
   return `${UNITS}${enc(layer)}/${enc(unit)}/${enc(name)}?v=${enc(state.version)}`;
+}
+
+// a top/bottom row's crop: the key publish.py wrote (row[10], either layout), else (a layer file of an
+// older publish) schema 1's per-unit name
+function cropURL(d, u, kind, rank, key) {
+  return key ? `../${encPath(key)}?v=${enc(state.version)}` : unitImageURL(d.name, u, `${kind}-${rank}.jpg`);
 }
 
 function sheetURL(d, view, n) {
@@ -504,7 +511,7 @@ function imgOrMissing(attrs, missingText) {
 function cropFigure(d, u, kind, rank, r) {
   const [act, img, y, x, x0, y0, x1, y1, present] = r;
   const id = d.images[img];
-  const crop = unitImageURL(d.name, u, `${kind}-${rank}.jpg`);
+  const crop = cropURL(d, u, kind, rank, r[10]);
   const why = present ? null : (d.failedCrop.has(u) ? "failed" : "missing");
   const media = why
     ? el("div", { class: `ph ${why}`, "data-missing": why, role: "img", "aria-label": `crop ${why}`, text: `crop ${why}` })

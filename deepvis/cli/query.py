@@ -42,7 +42,9 @@ def run(args) -> int:
         return 0
     print(f"{'rank':>4} {'activation':>11} {'y':>3} {'x':>3}  image  ->  crop")
     for r in rows:
-        print(f"{r['rank']:>4} {r['activation']:>11.4f} {r['y']:>3} {r['x']:>3}  {r['image']}  ->  {r['crop']}")
+        # the crop's key in the atlas (either layout, storage.atlas.crop_key); none when never written
+        print(f"{r['rank']:>4} {r['activation']:>11.4f} {r['y']:>3} {r['x']:>3}  {r['image']}  ->  "
+              f"{r['crop'] or '(no crop)'}")
     return 0
 
 

@@ -330,3 +330,28 @@ def test_real_atlas_markup_file_name(page, real_atlas):
     assert resp.status == 200 and resp.body() == (Path(real_atlas["root"]).parent / "dataset" / XSS_FILE).read_bytes()
     if r["layer"] == "_fc":
         assert page.text_content("#class-name")                # output units show their class name
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_unit_page_crops_of_either_layout(page, tmp_path, schema):
+    """Schema 1 (per-unit crops units/<layer>/<u>/<kind>-<r>.jpg, no `crop` column: atlases built
+    before schema 2) and schema 2 (shared crops/<sha>.jpg named by the `crop` column) both show every
+    crop of a unit page, and an absent one as a placeholder."""
+    from deepvis.atlas_viewer.publish import publish
+    from deepvis.storage.atlas import Atlas
+    from tests.atlas_viewer.conftest import make_synthetic_atlas
+
+    facts = make_synthetic_atlas(tmp_path / "atlas", big_units=16, schema=schema)
+    publish(facts["store"])
+    srv = serve(facts["store"])
+    try:
+        page.goto(srv.url(f"#/layer/{MID}/unit/0"))
+        page.wait_for_selector("#bottom figure")
+        assert all_images_loaded(page) == []
+        assert page.get_attribute('#bottom figure[data-rank="2"] .ph', "data-missing") == "missing"
+        srcs = page.eval_on_selector_all(".row.crops.top figure img", "els => els.map(e => e.getAttribute('src'))")
+        want = [r["crop"] for r in Atlas.open(facts["store"]).top_images(MID, 0, 3)]
+        assert [s.split("?")[0] for s in srcs] == [f"../{k}" for k in want] and len(srcs) == 3
+        assert all(k.startswith("crops/" if schema == 2 else f"units/{MID}/0/top-") for k in want)
+    finally:
+        srv.stop()

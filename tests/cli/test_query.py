@@ -168,3 +168,32 @@ def test_bad_files_skipped_counted_and_named(ray_cluster, sample_dir, tmp_path):
     assert all(s["reason"] for s in m["dataset"]["skipped"])
     seen = {r["image"] for r in pq.read_table(out / "index/topk.parquet").to_pylist()}
     assert {"good/gray.png", "good/cmyk.jpg"} & seen or len(seen) >= 2
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_query_and_api_read_either_crop_layout(tmp_path, schema):
+    """An atlas of schema 1 (per-unit crop objects, no `crop` column) and one of schema 2 (shared
+    crops/<sha>.jpg named by the `crop` column): `deepvis query` and Atlas.top_images give the key
+    of an existing crop for every row, None/missing only for the crop that was never written."""
+    from deepvis.storage import layout
+    from deepvis.storage.atlas import crop_key
+    from tests.atlas_viewer.conftest import MID, make_synthetic_atlas
+
+    facts = make_synthetic_atlas(tmp_path / "atlas", big_units=4, schema=schema)
+    store = facts["store"]
+    atlas = Atlas.open(str(tmp_path / "atlas"))
+    for kind in ("top", "bottom"):
+        rows = atlas.top_images(MID, 0, 3, kind)
+        assert [r["rank"] for r in rows] == [0, 1, 2]
+        for r in rows:
+            missing = (MID, 0, kind, r["rank"]) == facts["missing_crop"]
+            assert store.exists(r["crop"]) != missing, r
+            assert r["crop"].startswith("crops/" if schema == 2 else f"units/{MID}/0/{kind}-")
+    table = layout.read_table(store, layout.TOPK)
+    assert ("crop" in table.column_names) == (schema == 2)
+    assert crop_key({"layer": "a", "unit": 3, "kind": "top", "rank": 1}, 1) == "units/a/3/top-1.jpg"
+    r = subprocess.run([sys.executable, "-m", "deepvis.cli", "query", str(tmp_path / "atlas"), "--layer", MID,
+                        "--unit", "0", "-k", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [line.split("->")[-1].strip() for line in r.stdout.splitlines()[1:]] == \
+        [x["crop"] for x in atlas.top_images(MID, 0, 2)]

@@ -71,13 +71,14 @@ def test_build_writes_every_object_and_row(reference, small_dataset):
     for layer in LAYERS:
         for u in UNITS:
             assert f"units/{layer}/{u}/yosinski-3.png" in files
-            for kind in ("top", "bottom"):
-                for r in range(3):
-                    assert f"units/{layer}/{u}/{kind}-{r}.jpg" in files
     topk = pq.read_table(out / "index/topk.parquet")
     assert topk.schema.equals(layout.TOPK_SCHEMA)
     assert topk.num_rows == len(LAYERS) * len(UNITS) * 2 * 3
     rows = topk.to_pylist()
+    # schema 2: every row names its crop, one shared object per distinct (image, box)
+    assert all(r["crop"] == layout.crop_key(r["image"], (r["x0"], r["y0"], r["x1"], r["y1"])) in files for r in rows)
+    assert {k for k in files if k.startswith("crops/")} == {r["crop"] for r in rows}
+    assert not [k for k in files if k.endswith(".jpg") and k.startswith("units/")]
     assert all(0 <= r["x0"] < r["x1"] <= 224 and 0 <= r["y0"] < r["y1"] <= 224 for r in rows)
     units = pq.read_table(out / "index/units.parquet").to_pylist()
     assert [(r["layer"], r["unit"]) for r in units] == [(l, u) for l in LAYERS for u in UNITS]

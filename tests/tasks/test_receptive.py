@@ -194,3 +194,19 @@ def test_maps_are_int32_within_input():
     maps = receptive_field_maps(stack(), ["3"], 16)
     for a in (maps["3"].x0, maps["3"].y0, maps["3"].x1, maps["3"].y1):
         assert a.dtype == np.int32 and a.min() >= 0 and a.max() <= 16
+
+
+def test_one_sweep_of_every_layer_equals_each_layer_alone(lite0):
+    """all_layer_maps (what a build computes once and ships to its crop tasks) == a sweep of each
+    layer alone, N x C layer included (efficientnet_lite0 at 64 px: the same structure, cheaper)."""
+    from deepvis.tasks.receptive import all_layer_maps
+
+    layers = ["_blocks.1", "_blocks.5", "_conv_head", "_fc"]
+    together = all_layer_maps(lite0.module, layers, 64)
+    for name in layers:
+        alone = receptive_field_maps(lite0.module, [name], 64)[name]
+        for a, b in zip((alone.x0, alone.y0, alone.x1, alone.y1),
+                        (together[name].x0, together[name].y0, together[name].x1, together[name].y1)):
+            assert np.array_equal(a, b), name
+    assert together["_fc"].shape == (1, 1) and together["_fc"].box(0, 0) == (0, 0, 64, 64)
+    assert together["_blocks.1"].box(0, 0)[2] < 64          # an early layer sees part of the input
