@@ -62,7 +62,9 @@ def make_plan(cfg: BuildConfig) -> Plan:
 
     lm = load_model(cfg.model, cfg.weights)
     infos = resolve_layers(lm.module, lm.input_size, cfg.layers)
-    layers = [{**i.to_dict(), "selected": parse_units(cfg.units, i.units, i.name)} for i in infos]
+    widest = max(infos, key=lambda i: i.units)
+    parse_units(cfg.units, widest.units, widest.name)  # a range past every selected layer: an error
+    layers = [{**i.to_dict(), "selected": parse_units(cfg.units, i.units, i.name, clamp=True)} for i in infos]
     extra = load_presets(cfg.presets_file) if cfg.presets_file else {}
     builtin = all_presets()
     names = [] if cfg.presets.strip() == "none" else (
@@ -172,6 +174,16 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
 
 # ---------------------------------------------------------------- the build
 def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
+    """The build, holding the store's lease (one build per store; taken before the model or Ray
+    start, so an unwritable --out or a concurrent build fails at once); Ctrl-C and SIGTERM leave the
+    manifest saying 'interrupted' (see cluster/lease.py)."""
+    from deepvis.cluster.lease import build_guard
+
+    with build_guard(open_store(cfg.out, cfg.endpoint_url), cfg.force, log):
+        return _run_build(cfg, on_actor, log)
+
+
+def _run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     import ray
     from deepvis.cluster.pool import ShardPool
     from deepvis.cluster.worker import ShardWorker
@@ -398,7 +410,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
         "build": {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if summary else None,
                   "seconds": (summary or {}).get("seconds"), "versions": _versions(),
-                  "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress",)},
+                  "config": {k: v for k, v in cfg.public_dict().items() if k not in ("progress", "force")},
                   "actors": (summary or {}).get("actors", []),
                   "actors_lost": (summary or {}).get("actors_lost", 0)},
         "failed_shards": (summary or {}).get("failed_shards", []),

@@ -18,17 +18,25 @@ def add_parser(sub):
     p.add_argument("-k", type=int, default=9, help="how many rows (default: 9)")
     p.add_argument("--bottom", action="store_true", help="the lowest activations instead of the highest")
     p.add_argument("--image", help="an image file: list the units it excites most")
+    p.add_argument("--model", default=None,
+                   help="with --image: the model spec to run (default: the atlas's model when it is a built-in "
+                        "one; an atlas never chooses code to run, so a package.module:callable model must be "
+                        "given here)")
+    p.add_argument("--weights", default=None,
+                   help="with --image: a local state_dict path (default: the atlas's default or random weights; "
+                        "a checkpoint the atlas names must be given here)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
 def run(args) -> int:
     from deepvis.storage.atlas import Atlas
+    from deepvis.storage.store import open_store
     from deepvis.tasks.errors import UserError
 
-    atlas = Atlas.open(args.store, args.endpoint_url)
+    atlas = Atlas.open(open_store(args.store, args.endpoint_url, must_exist=True))
     if args.image:
-        rows = image_query(atlas, args.image, args.layer, args.k)
+        rows = image_query(atlas, args.image, args.layer, args.k, args.model, args.weights)
         if args.json:
             print(json.dumps(rows))
         else:
@@ -48,16 +56,19 @@ def run(args) -> int:
     return 0
 
 
-def image_query(atlas, path: str, layer: str | None, k: int) -> list[dict]:
+def image_query(atlas, path: str, layer: str | None, k: int, model: str | None = None,
+                weights: str | None = None) -> list[dict]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     from deepvis.tasks.activations import batch_unit_maxima
     from deepvis.tasks.errors import UserError
-    from deepvis.tasks.models import load_model
+    from deepvis.tasks.models import load_model, trusted_model_spec, trusted_weights
     from deepvis.tasks.preprocess import preprocess
 
-    m = atlas.manifest["model"]
+    m = atlas.manifest.get("model") or {}
+    spec = trusted_model_spec(m.get("name"), model)     # before anything is loaded
+    weights = trusted_weights(m.get("weights"), weights)
     layers = [layer] if layer else list(atlas.layers)
     if layer:
         atlas.check_unit(layer, 0)
@@ -66,7 +77,7 @@ def image_query(atlas, path: str, layer: str | None, k: int) -> list[dict]:
         img.load()
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"cannot read image {path!r} ({e}); pass a JPEG/PNG file") from None
-    lm = load_model(m["name"], None if m["weights"] == "default" else m["weights"])
+    lm = load_model(spec, weights)
     out = batch_unit_maxima(lm.module, layers, preprocess(img, lm.preprocessing)[None])
     stats = {(r["layer"], r["unit"]): r for r in atlas.unit_stats(layer)}
     rows = []

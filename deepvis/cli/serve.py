@@ -30,7 +30,7 @@ def run(args) -> int:
     from deepvis.storage import layout
     from deepvis.storage.store import open_store
 
-    store = open_store(args.store, args.endpoint_url)
+    store = open_store(args.store, args.endpoint_url, must_exist=True)  # never creates a directory
     layout.read_manifest(store)  # a clear error when STORE holds no atlas
     if args.publish or not store.exists("viewer/data/model.json") or not store.exists("viewer/index.html"):
         from deepvis.atlas_viewer.publish import publish
