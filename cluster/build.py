@@ -140,10 +140,6 @@ def connect(address: str | None) -> bool:
             raise UserError(f"cannot reach the Ray cluster at {address!r}; check the address "
                             f"(head node's GCS host:port or ray://host:10001) or omit --address for a local cluster") from None
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
-    # the driver handles SIGTERM itself (the manifest says 'interrupted', see cluster/lease.py); Ray's
-    # C++ failure-signal handler would print a stack dump and abort the driver on the way out
-    # (a local cluster's workers inherit this: a crashing worker logs no C++ stack dump)
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         if address in (None, "", "local"):
             ray.init(num_cpus=os.cpu_count(), **kwargs)
@@ -183,6 +179,10 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     manifest saying 'interrupted' (see cluster/lease.py)."""
     from deepvis.cluster.lease import build_guard
 
+    # the driver handles SIGTERM itself (the manifest says 'interrupted'); Ray's C++ failure-signal
+    # handler would print a stack dump and abort the driver on the way out. Read when ray is first
+    # imported; a local cluster's workers inherit it (a crashing worker logs no C++ stack dump).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     with build_guard(open_store(cfg.out, cfg.endpoint_url), cfg.force, log):
         return _run_build(cfg, on_actor, log)
 

@@ -184,12 +184,12 @@ def test_sigterm_writes_interrupted_and_the_rerun_completes(tmp_path):
         proc.send_signal(signal.SIGSTOP)
         proc.send_signal(signal.SIGTERM)
         proc.send_signal(signal.SIGCONT)
-        _, err = proc.communicate(timeout=120)
+        stdout, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (stdout, err)
     assert err.strip().splitlines() == ["deepvis build: interrupted; finished work is kept, re-run to resume"]
     m = json.loads((out / "manifest.json").read_text())
     assert m["status"] == "interrupted" and m["build"]["interrupted"]
