@@ -62,8 +62,9 @@ def make_plan(cfg: BuildConfig) -> Plan:
 
     lm = load_model(cfg.model, cfg.weights)
     infos = resolve_layers(lm.module, lm.input_size, cfg.layers)
-    widest = max(infos, key=lambda i: i.units)
-    parse_units(cfg.units, widest.units, widest.name)  # a range past every selected layer: an error
+    if infos:  # a range past every selected layer is an error, not an empty or clamped selection
+        widest = max(infos, key=lambda i: i.units)
+        parse_units(cfg.units, widest.units, widest.name)
     layers = [{**i.to_dict(), "selected": parse_units(cfg.units, i.units, i.name, clamp=True)} for i in infos]
     extra = load_presets(cfg.presets_file) if cfg.presets_file else {}
     builtin = all_presets()
