@@ -127,6 +127,7 @@ def connect(address: str | None) -> bool:
     """Start or join a Ray cluster. Returns True when this call started it (and should stop it)."""
     import ray
 
+    from deepvis.storage.s3 import redact_text, redact_url   # an address may hold user:secret@
     if ray.is_initialized():
         return False
     if address in (None, "") and os.environ.get("RAY_ADDRESS"):
@@ -138,7 +139,7 @@ def connect(address: str | None) -> bool:
         try:
             socket.create_connection((host or hostport, int(port or 6379)), timeout=3).close()
         except (OSError, ValueError):
-            raise UserError(f"cannot reach the Ray cluster at {address!r}; check the address "
+            raise UserError(f"cannot reach the Ray cluster at {redact_url(address)!r}; check the address "
                             f"(head node's GCS host:port or ray://host:10001) or omit --address for a local cluster") from None
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     try:
@@ -147,7 +148,8 @@ def connect(address: str | None) -> bool:
         else:
             ray.init(address=address, **kwargs)
     except ConnectionError as e:
-        raise UserError(f"cannot connect to the Ray cluster at {address!r} ({e}); start one with "
+        raise UserError(f"cannot connect to the Ray cluster at {redact_url(address)!r} "
+                        f"({redact_text(str(e), address)}); start one with "
                         f"`ray start --head` or omit --address for a local cluster") from None
     return True
 

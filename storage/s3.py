@@ -60,6 +60,19 @@ def redact_url(url: str | None) -> str | None:
         return "<unparsable endpoint>"
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"`]*@")
+_QUERY = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s?'\"`]*)\?[^\s'\"`]*")
+
+
+def redact_text(text: str, *urls: str | None) -> str:
+    """text with each of urls (as given) redacted, and any other URL's user:secret@ and ?query
+    removed (for messages that quote an address, e.g. botocore's)."""
+    for url in urls:
+        if url:
+            text = text.replace(url, redact_url(url) or "")
+    return _QUERY.sub(r"\1", _USERINFO.sub(r"\1", text))
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """'s3://bucket/a/b' -> ('bucket', 'a/b'). StoreError (one line, no secrets) when malformed."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
@@ -214,7 +227,11 @@ class S3Store(Store):
 
     # -- errors ----------------------------------------------------------------------------------
     def _error(self, e: BaseException, op: str, key: str | None = None) -> StoreError:
-        """One line: what failed, and the fix. Never includes credentials."""
+        """One line: what failed, and the fix. Never includes credentials: botocore's own texts may
+        quote the endpoint as given (user:secret@ and all), so every message is scrubbed."""
+        return StoreError(redact_text(str(self._explain(e, op, key)), self._endpoint_arg))
+
+    def _explain(self, e: BaseException, op: str, key: str | None = None) -> StoreError:
         from botocore import exceptions as bx
 
         what = f"{self.uri}/{key}" if key else self.uri
