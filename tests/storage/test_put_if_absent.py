@@ -44,3 +44,15 @@ def test_s3_put_if_absent_after_delete(s3_store):
     assert s3_store.put_if_absent("k.json", b"1") is True
     s3_store.delete("k.json")
     assert s3_store.put_if_absent("k.json", b"2") is True and s3_store.get("k.json") == b"2"
+
+
+def test_build_lease_on_s3(s3_store):
+    """The build lease on a real S3 server: held, refused to a second build naming the holder, released."""
+    from deepvis.cluster.lease import LEASE_KEY, BuildLease, read_lease
+    from deepvis.tasks.errors import UserError
+
+    with BuildLease(s3_store) as held:
+        assert read_lease(s3_store).token == held.lease.token
+        with pytest.raises(UserError, match=rf"another build holds {s3_store.uri}: {held.lease.holder} "):
+            BuildLease(s3_store).acquire()
+    assert not s3_store.exists(LEASE_KEY)
