@@ -64,7 +64,10 @@ def make_plan(cfg: BuildConfig) -> Plan:
 
     lm = load_model(cfg.model, cfg.weights)
     infos = resolve_layers(lm.module, lm.input_size, cfg.layers)
-    layers = [{**i.to_dict(), "selected": parse_units(cfg.units, i.units, i.name)} for i in infos]
+    if infos:  # a range past every selected layer is an error, not an empty or clamped selection
+        widest = max(infos, key=lambda i: i.units)
+        parse_units(cfg.units, widest.units, widest.name)
+    layers = [{**i.to_dict(), "selected": parse_units(cfg.units, i.units, i.name, clamp=True)} for i in infos]
     extra = load_presets(cfg.presets_file) if cfg.presets_file else {}
     builtin = all_presets()
     names = [] if cfg.presets.strip() == "none" else (
@@ -126,6 +129,7 @@ def connect(address: str | None) -> bool:
     """Start or join a Ray cluster. Returns True when this call started it (and should stop it)."""
     import ray
 
+    from deepvis.storage.s3 import redact_text, redact_url   # an address may hold user:secret@
     if ray.is_initialized():
         return False
     if address in (None, "") and os.environ.get("RAY_ADDRESS"):
@@ -137,7 +141,7 @@ def connect(address: str | None) -> bool:
         try:
             socket.create_connection((host or hostport, int(port or 6379)), timeout=3).close()
         except (OSError, ValueError):
-            raise UserError(f"cannot reach the Ray cluster at {address!r}; check the address "
+            raise UserError(f"cannot reach the Ray cluster at {redact_url(address)!r}; check the address "
                             f"(head node's GCS host:port or ray://host:10001) or omit --address for a local cluster") from None
     kwargs = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     try:
@@ -146,7 +150,8 @@ def connect(address: str | None) -> bool:
         else:
             ray.init(address=address, **kwargs)
     except ConnectionError as e:
-        raise UserError(f"cannot connect to the Ray cluster at {address!r} ({e}); start one with "
+        raise UserError(f"cannot connect to the Ray cluster at {redact_url(address)!r} "
+                        f"({redact_text(str(e), address)}); start one with "
                         f"`ray start --head` or omit --address for a local cluster") from None
     return True
 
@@ -174,6 +179,20 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
 
 # ---------------------------------------------------------------- the build
 def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
+    """The build, holding the store's lease (one build per store; taken before the model or Ray
+    start, so an unwritable --out or a concurrent build fails at once); Ctrl-C and SIGTERM leave the
+    manifest saying 'interrupted' (see cluster/lease.py)."""
+    from deepvis.cluster.lease import build_guard
+
+    # the driver handles SIGTERM itself (the manifest says 'interrupted'); Ray's C++ failure-signal
+    # handler would print a stack dump and abort the driver on the way out. Read when ray is first
+    # imported; a local cluster's workers inherit it (a crashing worker logs no C++ stack dump).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    with build_guard(open_store(cfg.out, cfg.endpoint_url), cfg.force, log):
+        return _run_build(cfg, on_actor, log)
+
+
+def _run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     import ray
     from deepvis.cluster.crops import run_crop_phase
     from deepvis.cluster.pool import ShardPool
@@ -376,7 +395,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
         "build": {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if summary else None,
                   "seconds": (summary or {}).get("seconds"), "versions": _versions(),
-                  "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress",)},
+                  "config": {k: v for k, v in cfg.public_dict().items() if k not in ("progress", "force")},
                   "actors": (summary or {}).get("actors", []),
                   "actors_lost": (summary or {}).get("actors_lost", 0)},
         "failed_shards": (summary or {}).get("failed_shards", []),

@@ -33,6 +33,7 @@ class BuildConfig:
     batch_size: int = 32                # images per forward in the dataset pass
     max_attempts: int = 3               # a shard failing this often is reported as failed
     progress: bool = True
+    force: bool = False                 # take over another build's lease (see cluster/lease.py)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -56,7 +57,14 @@ class BuildConfig:
             raise UserError(f"config file not found: {path!r}") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path!r} is not valid TOML: {e}") from None
-        d = d.get("build", d)  # accept a top-level [build] table or bare keys
+        if "build" in d:  # a [build] table, or bare keys; never both, and no other table is ignored
+            others = sorted(k for k in d if k != "build")
+            if others:
+                raise UserError(f"config file {path!r} has {', '.join(others)} outside its [build] table, and "
+                                f"they would be ignored; move every key into [build]")
+            d = d["build"]
+            if not isinstance(d, dict):
+                raise UserError(f"config file {path!r}: 'build' must be a table ([build]), got {d!r}")
         return cls.from_dict({**d, **(overrides or {})}, origin=path)
 
     def validate(self) -> None:
@@ -69,6 +77,8 @@ class BuildConfig:
                 raise UserError(f"{f.name} must be an integer, got {v!r}")
             if want.startswith("str") and not isinstance(v, str):
                 raise UserError(f"{f.name} must be a string, got {v!r}")
+            if want.startswith("bool") and not isinstance(v, bool):
+                raise UserError(f"{f.name} must be true or false, got {v!r}")
         for name in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size", "max_attempts",
                      "diversity"):
             v = getattr(self, name)
@@ -80,24 +90,32 @@ class BuildConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def public_dict(self) -> dict:
+        """to_dict() fit to write into the atlas or a log: no user:secret@ or ?query of any address
+        (an --endpoint-url may carry credentials)."""
+        from deepvis.storage.s3 import redact_url
+        return {k: redact_url(v) if isinstance(v, str) and "://" in v else v for k, v in self.to_dict().items()}
 
-def parse_units(spec: str | None, n: int, layer: str) -> list[int]:
-    """'a:b' (python slice, either side optional) or 'i' or 'a,b,c' -> unit list within 0..n-1."""
+
+def parse_units(spec: str | None, n: int, layer: str, clamp: bool = False) -> list[int]:
+    """'a:b' (python slice, either side optional) or 'i' or 'a,b,c' -> unit list within 0..n-1.
+    A range past the layer's end is an error (it says what exists), unless clamp (a range applied to
+    several layers of different widths, checked against the widest one: see make_plan)."""
     if spec in (None, "", "all", ":"):
         return list(range(n))
     try:
         if ":" in spec:
             a, b = spec.split(":", 1)
             lo, hi = int(a) if a else 0, int(b) if b else n
-            if lo < 0 or lo >= n or hi <= lo:
+            if lo < 0 or lo >= n or hi <= lo or (hi > n and not clamp):
                 raise IndexError
             return list(range(lo, min(hi, n)))
         units = sorted({int(s) for s in spec.split(",") if s.strip()})
     except ValueError:
         raise UserError(f"--units {spec!r} is not a range like 0:64 or a list like 1,5,9") from None
     except IndexError:
-        raise UserError(f"--units {spec!r} is beyond layer {layer!r}, which has units 0..{n - 1}") from None
+        raise UserError(f"--units {spec!r} is beyond layer {layer!r}, which has {n} units (0..{n - 1})") from None
     bad = [u for u in units if not 0 <= u < n]
     if bad or not units:
-        raise UserError(f"--units {spec!r} is beyond layer {layer!r}, which has units 0..{n - 1}")
+        raise UserError(f"--units {spec!r} is beyond layer {layer!r}, which has {n} units (0..{n - 1})")
     return units

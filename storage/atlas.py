@@ -27,7 +27,7 @@ class Atlas:
 
     @classmethod
     def open(cls, uri: str | Store, endpoint_url: str | None = None) -> "Atlas":
-        store = uri if isinstance(uri, Store) else open_store(uri, endpoint_url)
+        store = uri if isinstance(uri, Store) else open_store(uri, endpoint_url, must_exist=True)
         return cls(store, layout.read_manifest(store))
 
     def check_unit(self, layer: str, unit: int) -> None:

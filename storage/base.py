@@ -26,6 +26,10 @@ class Store:
     def exists(self, key: str) -> bool: raise NotImplementedError
     def list(self, prefix: str = "") -> list[str]: raise NotImplementedError
     def delete(self, key: str) -> None: raise NotImplementedError
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write the object only if no object has the key, atomically against concurrent writers
+        (the build lease relies on it). True when written, False when the key already existed."""
+        raise NotImplementedError
     def open(self, key: str):
         """A seekable binary file object for reading (Parquet readers fetch only the row groups
         they need). KeyError when missing."""

@@ -44,8 +44,9 @@ def _split_source(source: str) -> tuple[str, str]:
         scheme = source.split("://", 1)[0]
         if scheme == "s3":
             return "s3", source.rstrip("/")
-        raise StoreError(f"dataset {source!r}: unknown scheme {scheme!r}; pass a local directory or a "
-                         f"text file listing image paths")
+        from deepvis.storage.s3 import redact_url  # the address may hold user:secret@
+        raise StoreError(f"dataset {redact_url(source)!r}: unknown scheme {scheme[:20]!r}; pass a local "
+                         f"directory, s3://bucket/prefix or a text file listing image paths")
     path = os.path.abspath(os.path.expanduser(source))
     if os.path.isdir(path):
         return "dir", path

@@ -44,18 +44,33 @@ _CRED_HINT = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, A
               "instance role) and the bucket policy")
 
 
-def _redact_url(url: str | None) -> str | None:
-    """An endpoint URL without user:password@ or query (never print secrets)."""
+def redact_url(url: str | None) -> str | None:
+    """A URL without user:password@ or query (never print secrets)."""
     if not url:
         return url
     try:
         p = urlsplit(url)
+        if "@" not in p.netloc and not p.query and not p.fragment:
+            return url  # nothing secret: unchanged (case and all)
         host = p.hostname or ""
         if p.port:
             host = f"{host}:{p.port}"
         return urlunsplit((p.scheme, host, p.path, "", ""))
     except ValueError:
         return "<unparsable endpoint>"
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@'\"`]*@")
+_QUERY = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s?'\"`]*)\?[^\s'\"`]*")
+
+
+def redact_text(text: str, *urls: str | None) -> str:
+    """text with each of urls (as given) redacted, and any other URL's user:secret@ and ?query
+    removed (for messages that quote an address, e.g. botocore's)."""
+    for url in urls:
+        if url:
+            text = text.replace(url, redact_url(url) or "")
+    return _QUERY.sub(r"\1", _USERINFO.sub(r"\1", text))
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -137,7 +152,7 @@ class S3Store(Store):
         self._init_runtime()
 
     def __repr__(self):
-        ep = f", endpoint={_redact_url(self._endpoint_arg)!r}" if self._endpoint_arg else ""
+        ep = f", endpoint={redact_url(self._endpoint_arg)!r}" if self._endpoint_arg else ""
         return f"S3Store({self.uri!r}{ep})"
 
     @property
@@ -146,7 +161,7 @@ class S3Store(Store):
         return self._endpoint_arg
 
     def _where(self) -> str:
-        return _redact_url(self._endpoint_arg) or "AWS S3"
+        return redact_url(self._endpoint_arg) or "AWS S3"
 
     def _make_client(self, probe: bool = False, endpoint_url: str | None | bool = False):
         import boto3
@@ -185,7 +200,7 @@ class S3Store(Store):
             return session.client("s3", endpoint_url=endpoint or None, region_name=region,
                                   config=Config(**kw))
         except ValueError as e:  # botocore: "Invalid endpoint: ..."
-            raise StoreError(f"invalid S3 endpoint {_redact_url(str(endpoint))!r} ({type(e).__name__}); "
+            raise StoreError(f"invalid S3 endpoint {redact_url(str(endpoint))!r} ({type(e).__name__}); "
                              "give a URL like http://host:9000 as endpoint_url or AWS_ENDPOINT_URL") from None
 
     @property
@@ -212,7 +227,11 @@ class S3Store(Store):
 
     # -- errors ----------------------------------------------------------------------------------
     def _error(self, e: BaseException, op: str, key: str | None = None) -> StoreError:
-        """One line: what failed, and the fix. Never includes credentials."""
+        """One line: what failed, and the fix. Never includes credentials: botocore's own texts may
+        quote the endpoint as given (user:secret@ and all), so every message is scrubbed."""
+        return StoreError(redact_text(str(self._explain(e, op, key)), self._endpoint_arg))
+
+    def _explain(self, e: BaseException, op: str, key: str | None = None) -> StoreError:
         from botocore import exceptions as bx
 
         what = f"{self.uri}/{key}" if key else self.uri
@@ -283,6 +302,21 @@ class S3Store(Store):
         else:  # multipart, parts in parallel; aborted (no partial object) on failure
             self._call("put", key, self.client.upload_fileobj, io.BytesIO(data), self.bucket, k,
                        ExtraArgs=extra, Config=self._transfer())
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # S3 conditional write (If-None-Match: *; AWS, MinIO, SeaweedFS): 412 when the key exists,
+        # 409 when a concurrent conditional write to the same key is in flight; either way we lost
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=bytes(data),
+                                   ContentType=content_type(key), IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._error(e, "put", key) from None
+        except BotoCoreError as e:
+            raise self._error(e, "put", key) from None
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -465,3 +499,6 @@ def _is_custom_endpoint(url: str | None) -> bool:
     host = (urlsplit(url).hostname or "").lower()
     return not (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
                 or host.endswith(".api.aws") or host == "amazonaws.com")
+
+
+_redact_url = redact_url  # the old private name, for code written before it was shared

@@ -28,10 +28,14 @@ class LinkOutsideStore(StoreError):
 
 
 class LocalStore(Store):
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, must_exist: bool = False):
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {str(self.root)!r} is a file, not a directory; pass a directory")
+        if must_exist and not self.root.is_dir():
+            # a read-only command: a typo must not leave an empty directory behind
+            raise StoreError(f"no atlas at {str(self.root)!r} (no such directory); check the path, or build "
+                             f"one with `deepvis build --out ...`")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -41,10 +45,19 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _temp_for(self, path: Path) -> tuple[int, str]:
+        """A temp file next to path; an unwritable store is one line naming it (StoreError)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        except OSError as e:
+            raise StoreError(f"cannot write to the store {self.uri!r} ({e.strerror}: "
+                             f"{os.path.relpath(e.filename or path, self.root)}); choose a directory you can "
+                             f"write, or fix its permissions") from None
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        fd, tmp = self._temp_for(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -66,6 +79,22 @@ class LocalStore(Store):
             raise LinkOutsideStore(f"store key {key!r} is a symbolic link that leads outside the store "
                                    f"({str(self.root)!r}); refused: copy the file into the store instead")
         return Path(real)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        # the whole object goes to a temp file first, then link() publishes it: link fails when the
+        # name exists (an exclusive create, like O_CREAT|O_EXCL) and readers never see a partial file
+        path = self._path(key)
+        fd, tmp = self._temp_for(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
     def get(self, key: str) -> bytes:
         try:
@@ -115,9 +144,11 @@ class LocalStore(Store):
         return str(self._path(key))
 
 
-def open_store(uri: str, endpoint_url: str | None = None) -> Store:
+def open_store(uri: str, endpoint_url: str | None = None, must_exist: bool = False) -> Store:
     """'s3://bucket/prefix' -> S3 store (endpoint_url, else AWS_ENDPOINT_URL, for S3-compatible
-    servers); 'file://path' or a plain path -> local directory."""
+    servers); 'file://path' or a plain path -> local directory. must_exist (read-only commands): a
+    local directory that does not exist is an error, not created (an S3 store never creates
+    anything when opened; its bucket is checked)."""
     if not uri or not str(uri).strip():
         raise StoreError("empty store address; pass a directory or s3://bucket/prefix")
     uri = str(uri)
@@ -129,4 +160,4 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
         return S3Store.from_uri(uri, endpoint_url=endpoint_url)
     if "://" in uri and not uri.startswith("file://"):
         raise StoreError(f"unsupported store address {uri!r}; use a directory path or s3://bucket/prefix")
-    return LocalStore(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return LocalStore(uri[len("file://"):] if uri.startswith("file://") else uri, must_exist=must_exist)

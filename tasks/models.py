@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +59,45 @@ def imagenet_labels() -> list[str]:
 def imagenet_wnids() -> list[str]:
     rows = (Path(__file__).parent / "data" / "imagenet_classes.tsv").read_text().splitlines()[1:]
     return [r.split("\t")[1] for r in rows if r.strip()]
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_TORCHVISION_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+def is_builtin_spec(spec: object) -> bool:
+    """True for the specs that name a built-in model and run no code of the spec's choosing:
+    efficientnet_lite0 and torchvision:<name> (looked up in torchvision's registry, never imported)."""
+    if not isinstance(spec, str):
+        return False
+    return spec == OFFLINE_MODEL or (spec.startswith("torchvision:") and
+                                     bool(_TORCHVISION_NAME.match(spec.split(":", 1)[1])))
+
+
+def trusted_model_spec(manifest_spec: object, user_spec: str | None) -> str:
+    """The model spec to load for an atlas someone else may have written. An atlas never chooses code
+    to run: its manifest may name only a built-in model; a `package.module:callable` (or anything
+    else) must come from the user (`--model`), who then trusts that code knowingly."""
+    if user_spec:
+        return user_spec
+    if is_builtin_spec(manifest_spec):
+        return str(manifest_spec)
+    shown = repr(manifest_spec)[:120]   # repr: no newlines or terminal escapes from the atlas
+    raise UserError(f"the atlas names the model {shown}, which is not a built-in model; an atlas never "
+                    f"chooses code to run: pass --model SPEC yourself if you trust that model")
+
+
+def trusted_weights(manifest_weights: object, user_weights: str | None) -> str | None:
+    """The weights for an atlas's model: 'default'/'none' from the manifest, a checkpoint path only
+    from the user (`--weights`): an atlas never makes us read a file outside it."""
+    if user_weights:
+        return user_weights
+    if manifest_weights in (None, "default"):
+        return None
+    if manifest_weights == "none":
+        return "none"
+    raise UserError(f"the atlas was built with the checkpoint {repr(manifest_weights)[:120]}, a file outside "
+                    f"the atlas; pass --weights PATH yourself to use it")
 
 
 def load_model(spec: str, weights: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -149,12 +189,15 @@ def _torchvision(spec: str, name: str, weights: str) -> LoadedModel:
 
 def _python_callable(spec: str, weights: str) -> LoadedModel:
     mod_name, _, attr = spec.partition(":")
+    if not _DOTTED.match(mod_name) or not _DOTTED.match(attr) or "." in attr:
+        raise UserError(f"model spec {spec!r} is not 'package.module:callable' (a dotted module name, a "
+                        f"colon, a function name); or use {OFFLINE_MODEL} or torchvision:<name>")
     try:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot import model {spec!r} ({e}); the module must be importable "
                         f"(on PYTHONPATH) and define the callable") from None
-    module = fn()
+    module = _call_model(spec, fn)
     if not isinstance(module, nn.Module):
         raise UserError(f"model {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
     if weights not in ("default", "none"):
@@ -162,6 +205,18 @@ def _python_callable(spec: str, weights: str) -> LoadedModel:
     pre = dict(getattr(module, "deepvis_preprocessing", None) or DEFAULT_PREPROCESSING)
     labels = getattr(module, "deepvis_labels", None)
     return LoadedModel(module, pre, labels, spec, "python", weights)
+
+
+def _call_model(spec: str, fn):
+    """fn() -> the module; a callable that is not a model builder (json:loads) is the user's error."""
+    if not callable(fn):
+        raise UserError(f"model {spec!r} names a {type(fn).__name__}, not a callable returning a torch.nn.Module")
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure is reported as theirs
+        raise UserError(f"model {spec!r} failed when called with no arguments ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}); it must build and return a "
+                        f"torch.nn.Module") from None
 
 
 def _first(v):

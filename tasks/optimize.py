@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -131,6 +132,17 @@ def get_preset(name: str, presets: dict | None = None):
 _PRESET_FIELDS = {f.name: f for f in fields(Preset)}
 
 
+_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_preset_name(name: str, origin: str) -> None:
+    """A preset's name becomes part of object keys (units/<layer>/<unit>/<preset>.png): letters,
+    digits, '-', '_', '.', no '..', so it can never name a path outside the unit's folder."""
+    if not isinstance(name, str) or not _PRESET_NAME.match(name) or ".." in name:
+        raise UserError(f"preset name {str(name)[:80]!r} in {origin!r} is not allowed; use letters, digits, "
+                        f"'-', '_' and '.' (no '/' or '..'), at most 64 characters")
+
+
 def load_presets(path: str | Path) -> dict[str, Preset]:
     """Presets from a TOML or JSON file: one table per preset, keyed by its name, with any of the
     Preset fields (missing ones take the Preset defaults, i.e. no regularization), or `base = "<a
@@ -168,6 +180,7 @@ def load_presets(path: str | Path) -> dict[str, Preset]:
                         f"steps, lr, lr_policy")
     out: dict[str, Preset] = {}
     for name, table in data.items():
+        check_preset_name(name, str(path))
         table = dict(table)
         base = table.pop("base", None)
         table.pop("name", None)

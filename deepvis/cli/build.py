@@ -39,13 +39,18 @@ def add_parser(sub):
                                    "resumes: finished shards are skipped.")
     p.add_argument("--config", help="TOML file with the same keys as these flags (flags win); unknown keys are rejected")
     for key in BuildConfig.keys():
-        if key == "progress":
+        if key in ("progress", "force"):
             continue
         typ = int if key in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size",
                              "max_attempts", "diversity") else str
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None, help=HELP[key])
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars (e.g. in CI logs)")
+    p.add_argument("--force", dest="force", action="store_true", default=None,
+                   help="take over the store's build lease from another build. A running build refreshes "
+                        "its lease every 30 s and one silent for over 2 minutes is dead (`deepvis status` "
+                        "says which); a live one is taken over too, with a warning, and then both write "
+                        "the atlas: stop it first")
     return p
 
 

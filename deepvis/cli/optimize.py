@@ -6,6 +6,7 @@ unit, each preset's hyperparameters, steps, size, activation reached, dead, and 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,13 +77,12 @@ def run(args) -> int:
     if args.unit < 0:
         raise_user(f"--unit must be >= 0 (got {args.unit})")
     device = resolve_device(args.device)
+    out = _out_dir(args.out)   # before the compute: a bad --out must not cost minutes first
 
     lm = load_model(args.model, args.weights, device=device)
     results = optimize_units(lm.module, lm.preprocessing, args.layer, [args.unit], presets,
                              model_name=args.model, steps=args.steps, size=args.size, device=device,
                              progress=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     label = _label(lm, args.layer, args.unit)
     entries = []
     quality = measure(lm.module, lm.preprocessing, args.layer, results, lm.name, device)
@@ -104,6 +104,20 @@ def run(args) -> int:
     tmp.replace(out / "result.json")
     print(f"wrote {out / 'result.json'}", file=sys.stderr)
     return 0
+
+
+def _out_dir(path: str) -> Path:
+    """--out made (or found) as a writable directory, else a one-line UserError."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise_user(f"--out {path!r} is an existing file, not a directory; pass a directory (it is created)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise_user(f"cannot create the --out directory {path!r} ({e.strerror}); pass a directory you can write")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise_user(f"--out directory {path!r} is not writable; pass a directory you can write")
+    return out
 
 
 def _safe(name: str) -> str:

@@ -41,7 +41,7 @@ def run(args) -> int:
     from deepvis.storage.store import open_store
 
     check_port(args.port)
-    store = open_store(args.store, args.endpoint_url)
+    store = open_store(args.store, args.endpoint_url, must_exist=True)  # never creates a directory
     manifest = layout.read_manifest(store)  # a clear error when STORE holds no atlas
     dataset, note = _dataset_root(args, manifest)
     try:   # bind first: a port in use is reported before anything is written into the atlas
