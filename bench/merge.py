@@ -102,8 +102,11 @@ def markdown(rows: list[dict], a, state_mb: float) -> str:
              f"({a.layers} layers × {a.units} units, k={a.k}; {state_mb:.2f} MB each packed) in a local store, "
              f"merged in a fresh driver process serially (the old `_merge_dataset`) and by "
              f"`cluster.merge.tree_merge` (Ray tasks of half a CPU, fan-in 8; Ray's start not counted). "
-             f"Driver CPU is the driver process's own user+system time; peak RSS is its ru_maxrss. Both give identical top/bottom lists, counts and maxima (checked). The machine was "
-             f"shared with other jobs: absolute times are noisy, the memory is not.", "",
+             f"Driver CPU is the driver process's own user+system time; peak RSS is its ru_maxrss (the tree's includes Ray's client, about 50 MB). Both give identical top/bottom lists, counts and maxima (checked). The machine was "
+             f"shared with other jobs: absolute times are noisy, the memory is not. What the tree takes off "
+             f"the driver is its own work (driver CPU seconds, constant in the number of states); on this "
+             f"2-core machine its tasks share the same two cores, so its wall time is no shorter here: on a "
+             f"cluster the tasks run on every node's CPUs.", "",
              "| merge | states | wall seconds | driver CPU seconds | driver peak RSS (MB) |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['states']} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | "
