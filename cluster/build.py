@@ -220,6 +220,7 @@ class _Build:
     layout: tuple = ()
     pool: object = None                           # started on first use: a resumed build loads no model
     restarts: int = 0                             # actors lost (process or node) over the build
+    pools: int = 0                                # pools made (one per stretch of phases on actors)
     bars: object = None
 
     def run_shards(self, phase: str, shards: list[dict], on_done) -> None:
@@ -294,9 +295,14 @@ def _make_pool(b: _Build):
     from deepvis.cluster.pool import ShardPool
 
     n_actors, opts, _ = b.layout
+    # the manifest lists the build's actors: those of the first pool (a later one, for the crops, is
+    # made of the same actors again once the merge's tasks have had the CPUs)
+    b.pools += 1
+    first = b.pools == 1
 
     def started(actor, info):
-        b.actors_info.append(info)
+        if first:
+            b.actors_info.append(info)
         if b.on_actor:
             b.on_actor(actor, info)
     ask = {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus", "resources")}
