@@ -1,8 +1,9 @@
 """`deepvis build`: plan shards of units/images, run them on a Ray actor pool, write the atlas.
 
-Phases: (1) optimization shards and dataset shards in one pool, (2) merge the dataset shards' partial
-top-k states, (3) crops (cluster/crops.py: receptive fields once, each distinct crop once, Ray
-tasks), (4) index Parquet files, manifest and viewer.
+Phases (timed, manifest["build"]["phases"]): plan, actors (start/join Ray, wait for the first actor),
+optimization shards, dataset shards (one pool of actors sized to the cluster serves both and every
+later phase), merge of the dataset shards' partial top-k states (a tree of Ray tasks), receptive-field
+crop shards, index Parquet files, viewer.
 Every shard leaves a completion record holding a hash of all that determines its output; a re-run
 skips shards whose record matches."""
 from __future__ import annotations
@@ -15,7 +16,9 @@ import platform
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 from deepvis.cluster.config import BuildConfig, parse_units
 from deepvis.cluster.resources import allowed_cpus
@@ -178,6 +181,77 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
 
 
 # ---------------------------------------------------------------- the build
+PHASES = ("plan", "actors", "optimization", "dataset", "merge", "crops", "index", "viewer")
+
+
+@dataclass
+class Phases:
+    """Wall-clock seconds per phase of this run only: a resumed build records what it did itself.
+    The phases do not overlap, so they add up to about the build's seconds."""
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def move(self, src: str, dst: str, seconds: float) -> None:
+        """Count `seconds` of phase src as dst's (time a phase spent waiting for the first actor)."""
+        self.seconds[src] -= seconds
+        self.seconds[dst] = self.seconds.get(dst, 0.0) + seconds
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(max(0.0, v), 3) for k, v in self.seconds.items()}
+
+
+@dataclass
+class _Build:
+    """One run of a build: what every phase function reads and adds to."""
+    cfg: BuildConfig
+    store: Store
+    plan: Plan
+    started: float
+    phases: Phases
+    log: Callable[[str], None]
+    on_actor: Callable | None = None
+    done: dict = field(default_factory=dict)      # shard id -> summary (finished now or before)
+    failed: dict = field(default_factory=dict)    # shard id -> error
+    todo: list = field(default_factory=list)
+    skipped: int = 0
+    actors_info: list = field(default_factory=list)
+    make_actor: Callable | None = None
+    layout: tuple = ()
+    pool: object = None                           # started on first use: a resumed build loads no model
+    restarts: int = 0                             # actors lost (process or node) over the build
+    pools: int = 0                                # pools made (one per stretch of phases on actors)
+    bars: object = None
+
+    def run_shards(self, phase: str, shards: list[dict], on_done) -> None:
+        """Run shards on the pool (made on first use, sized to the cluster), timed as `phase`; the
+        time spent waiting for the first actor is the "actors" phase's."""
+        with self.phases(phase):
+            if not shards:
+                return
+            if self.pool is None:
+                self.pool = _make_pool(self)
+            waited = self.pool.waiting_s
+            self.failed.update(self.pool.run(shards, on_done))
+        self.phases.move(phase, "actors", self.pool.waiting_s - waited)
+
+    def close_pool(self) -> None:
+        if self.pool is not None:
+            self.restarts += self.pool.restarts
+            self.pool.shutdown()
+            self.pool = None
+
+    def finished(self, shard: dict, summary: dict) -> None:
+        self.done[shard["id"]] = summary
+        self.bars.update(shard, summary)
+
+
 def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     """The build, holding the store's lease (one build per store; taken before the model or Ray
     start, so an unwritable --out or a concurrent build fails at once); Ctrl-C and SIGTERM leave the
@@ -193,79 +267,117 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
 
 
 def _run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
+    """Plan, then the phases in order: optimization, dataset, merge, crops (every one on the whole
+    pool), index files, manifest and viewer. Returns the summary (see `_summary`)."""
     import ray
-    from deepvis.cluster.crops import run_crop_phase
-    from deepvis.cluster.pool import ShardPool
-    from deepvis.cluster.worker import ShardWorker
 
-    started = time.time()
-    store = open_store(cfg.out, cfg.endpoint_url)
-    plan = make_plan(cfg)
-    started_ray = connect(cfg.address)
+    started, phases = time.time(), Phases()
+    with phases("plan"):
+        store = open_store(cfg.out, cfg.endpoint_url)
+        plan = make_plan(cfg)
+    with phases("actors"):
+        started_ray = connect(cfg.address)
     try:
-        n_actors, opts, threads = actor_layout(cfg)
-        make_shards(plan, gpu="num_gpus" in opts)
-        _write_manifest(store, plan, status="running", started=started)
-        done = _finished_records(store, plan.opt_shards + plan.data_shards)
-        todo = [s for s in plan.opt_shards + plan.data_shards if s["id"] not in done]
-        skipped = len(plan.opt_shards) + len(plan.data_shards) - len(todo)
-        if skipped:
-            log(f"resuming: {skipped} finished shard(s) skipped, {len(todo)} to compute")
-        # credentials never travel with the store (it pickles without them): actors use their own
-        # AWS chain — a local cluster's workers inherit the driver's environment, a remote cluster's
-        # nodes have instance roles or profiles
-        remote = ray.remote(ShardWorker).options(max_restarts=0, **opts)
-        make = lambda: remote.remote(cfg.model, cfg.weights, store, cfg.device, threads,  # noqa: E731
-                                     cfg.dataset, cfg.presets_file, cfg.endpoint_url)
-        actors_info: list[dict] = []
-
-        def actor_started(actor, info):
-            actors_info.append(info)
-            if on_actor:
-                on_actor(actor, info)
-
-        pool: list = []  # started on first use: a fully resumed build loads no model
-
-        def run_shards(shards, on_done):
-            if not shards:
-                return {}
-            if not pool:
-                pool.append(ShardPool(make, min(n_actors, len(shards)), cfg.max_attempts, actor_started,
-                                      fatal=(StoreError,)))
-            return pool[0].run(shards, on_done)
-
-        def finished(shard, summary):
-            done[shard["id"]] = summary
-            bars.update(shard, summary)
-
-        failed: dict[str, str] = {}
-        topk_rows, stats = None, {}
-        bars = _Bars(plan, done, cfg.progress)
-        try:
-            failed.update(run_shards(todo, finished))
-            if plan.data_shards and not any(s["id"] in failed for s in plan.data_shards):
-                merged = _merge_dataset(store, plan)
-                crops = run_crop_phase(store, plan, merged, log)
-                failed.update(crops.failed)
-                topk_rows = _topk_rows(plan, merged, crops)
-                stats = {l["name"]: merged[l["name"]].result()["stats"] for l in plan.layers}
-        finally:
-            bars.close()
-            if pool:
-                pool[0].shutdown()
-        if topk_rows is not None:
-            layout.write_topk(store, topk_rows)
-        unit_rows = _unit_rows(plan, done, stats)
-        store.put(layout.UNITS, layout.table_bytes(layout.units_table(unit_rows, [p["name"] for p in plan.presets])))
-        summary = _summary(plan, done, failed, skipped, len(todo), started, store)
-        summary["actors"] = actors_info
-        summary["actors_lost"] = pool[0].restarts if pool else 0
-        _write_manifest(store, plan, status=summary["status"], started=started, summary=summary)
-        _publish_viewer(store)
-        return summary
+        b = _Build(cfg, store, plan, started, phases, log, on_actor)
+        with phases("plan"):
+            _prepare(b)
+        merged, crop_done = _compute(b)
+        return _finish(b, merged, crop_done)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _prepare(b: _Build) -> None:
+    """Shards, the 'running' manifest, and what a previous run finished already."""
+    import ray
+    from deepvis.cluster.worker import ShardWorker
+
+    cfg, plan = b.cfg, b.plan
+    b.layout = actor_layout(cfg)
+    n_actors, opts, threads = b.layout
+    make_shards(plan, gpu="num_gpus" in opts)
+    _write_manifest(b.store, plan, status="running", started=b.started)
+    b.done = _finished_records(b.store, plan.opt_shards + plan.data_shards)
+    b.todo = [s for s in plan.opt_shards + plan.data_shards if s["id"] not in b.done]
+    b.skipped = len(plan.opt_shards) + len(plan.data_shards) - len(b.todo)
+    if b.skipped:
+        b.log(f"resuming: {b.skipped} finished shard(s) skipped, {len(b.todo)} to compute")
+    # credentials never travel with the store (it pickles without them): actors use their own AWS
+    # chain — a local cluster's workers inherit the driver's environment, a remote cluster's nodes
+    # have instance roles or profiles. Two calls at once: one computes while the other uploads.
+    remote = ray.remote(ShardWorker).options(max_restarts=0, max_concurrency=2, **opts)
+    b.make_actor = lambda: remote.remote(cfg.model, cfg.weights, b.store, cfg.device, threads,  # noqa: E731
+                                         cfg.dataset, cfg.presets_file, cfg.endpoint_url)
+
+
+def _make_pool(b: _Build):
+    from deepvis.cluster.pool import ShardPool
+
+    n_actors, opts, _ = b.layout
+    # the manifest lists the build's actors: those of the first pool (a later one, for the crops, is
+    # made of the same actors again once the merge's tasks have had the CPUs)
+    b.pools += 1
+    first = b.pools == 1
+
+    def started(actor, info):
+        if first:
+            b.actors_info.append(info)
+        if b.on_actor:
+            b.on_actor(actor, info)
+    ask = {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus", "resources")}
+    return ShardPool(b.make_actor, n_actors, b.cfg.max_attempts, started, fatal=(StoreError,),
+                     place_timeout=b.cfg.actor_timeout, ask=ask, log=b.log)
+
+
+def _compute(b: _Build) -> tuple[dict | None, object]:
+    """The phases that run on the cluster: optimization, dataset, merge, crops. Returns the merged
+    dataset states (None without a complete dataset pass) and the crop phase's CropIndex."""
+    from deepvis.cluster.crops import run_crop_phase
+
+    plan = b.plan
+    b.bars = _Bars(plan, b.done, b.cfg.progress)
+    merged, crop_done = None, None
+    try:
+        todo = {s["id"] for s in b.todo}
+        try:
+            b.run_shards("optimization", [s for s in plan.opt_shards if s["id"] in todo], b.finished)
+            b.run_shards("dataset", [s for s in plan.data_shards if s["id"] in todo], b.finished)
+        finally:
+            b.close_pool()   # the merge's tasks need the CPUs the actors hold
+        if plan.data_shards and not any(s["id"] in b.failed for s in plan.data_shards):
+            with b.phases("merge"):
+                merged = _merge_dataset(b.store, plan)
+            with b.phases("crops"):   # Ray tasks on every node's CPUs (the pool is closed)
+                crop_done = run_crop_phase(b.store, plan, merged, b.log)
+            b.failed.update(crop_done.failed)
+    finally:
+        b.bars.close()
+    return merged, crop_done
+
+
+def _finish(b: _Build, merged: dict | None, crop_done: dict) -> dict:
+    """Index files, the summary, the manifest and the viewer."""
+    plan, store = b.plan, b.store
+    with b.phases("index"):
+        stats = {}
+        if merged is not None:
+            layout.write_topk(store, _topk_rows(plan, merged, crop_done))
+            stats = {l["name"]: merged[l["name"]].result()["stats"] for l in plan.layers}
+        unit_rows = _unit_rows(plan, b.done, stats)
+        store.put(layout.UNITS, layout.table_bytes(layout.units_table(unit_rows, [p["name"] for p in plan.presets])))
+
+    def summarize() -> dict:
+        summary = _summary(plan, b.done, b.failed, b.skipped, len(b.todo), b.started, store)
+        summary.update(actors=b.actors_info, actors_lost=b.restarts,
+                       phases=b.phases.to_dict())
+        _write_manifest(store, plan, status=summary["status"], started=b.started, summary=summary)
+        return summary
+    with b.phases("index"):
+        summarize()                   # the viewer reads the manifest
+    with b.phases("viewer"):
+        _publish_viewer(store)
+    return summarize()                # again, now with the viewer's seconds
 
 
 def _finished_records(store: Store, shards: list[dict]) -> dict[str, dict]:
@@ -282,16 +394,14 @@ def _finished_records(store: Store, shards: list[dict]) -> dict[str, dict]:
 
 
 def _merge_dataset(store: Store, plan: Plan) -> dict:
-    """Merge the dataset shards' partial states, per layer (exact: order does not matter)."""
+    """Merge the dataset shards' partial states, per layer (exact: order does not matter), in a tree
+    of Ray tasks: the driver handles keys and reads only the final state (cluster/merge.py)."""
+    from deepvis.cluster.merge import tree_merge
     from deepvis.tasks.topk import RunningTopK
 
-    merged: dict = {}
-    for s in plan.data_shards:
-        state = layout.unpack_state(store.get(layout.state_key(s["id"])))
-        for i, l in enumerate(plan.layers):
-            part = RunningTopK.from_state_dict(state[f"L{i}"])
-            merged[l["name"]] = merged[l["name"]].merge(part) if l["name"] in merged else part
-    return merged
+    key = tree_merge(store, [layout.state_key(s["id"]) for s in plan.data_shards])
+    state = layout.unpack_state(store.get(key))
+    return {l["name"]: RunningTopK.from_state_dict(state[f"L{i}"]) for i, l in enumerate(plan.layers)}
 
 
 def _topk_rows(plan: Plan, merged: dict, crops) -> dict[str, list]:
@@ -397,7 +507,8 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
                   "seconds": (summary or {}).get("seconds"), "versions": _versions(),
                   "config": {k: v for k, v in cfg.public_dict().items() if k not in ("progress", "force")},
                   "actors": (summary or {}).get("actors", []),
-                  "actors_lost": (summary or {}).get("actors_lost", 0)},
+                  "actors_lost": (summary or {}).get("actors_lost", 0),
+                  "phases": (summary or {}).get("phases", {})},
         "failed_shards": (summary or {}).get("failed_shards", []),
     }
     layout.put_json(store, layout.MANIFEST, m)
@@ -430,11 +541,6 @@ class _Bars:
             ini = sum(len(s["images"]) for s in plan.data_shards if s["id"] in done)
             self.bars["data"] = tqdm(total=tot, initial=ini, desc="dataset ", unit="img", file=sys.stderr,
                                      position=len(self.bars), dynamic_ncols=True)
-
-    def start_crops(self, total: int, initial: int) -> None:
-        if self.enabled:
-            self.bars["crop"] = self.tqdm(total=total, initial=initial, desc="crops   ", unit="shard",
-                                          file=sys.stderr, position=len(self.bars), dynamic_ncols=True)
 
     def update(self, shard: dict, summary: dict) -> None:
         bar = self.bars.get(shard["type"])

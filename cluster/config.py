@@ -32,6 +32,7 @@ class BuildConfig:
     shard_images: int = 200             # images per dataset shard
     batch_size: int = 32                # images per forward in the dataset pass
     max_attempts: int = 3               # a shard failing this often is reported as failed
+    actor_timeout: int = 300            # seconds before unplaced actors are reported (none placed: error)
     progress: bool = True
     force: bool = False                 # take over another build's lease (see cluster/lease.py)
 
@@ -80,7 +81,7 @@ class BuildConfig:
             if want.startswith("bool") and not isinstance(v, bool):
                 raise UserError(f"{f.name} must be true or false, got {v!r}")
         for name in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size", "max_attempts",
-                     "diversity"):
+                     "diversity", "actor_timeout"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise UserError(f"{name} must be at least 1, got {v}")

@@ -1,10 +1,15 @@
 """The build's actor: loads the model once, then runs shards and writes their results straight to the
 store. Only small summaries go back to the driver. A shard's completion record is written last, so a
-record in the store means every object of that shard is there (resume relies on it)."""
+record in the store means every object of that shard is there (resume relies on it).
+
+The device never waits on the network: the actor runs two shards at once (Ray max_concurrency=2, the
+pool keeps two in flight), one computing while the other's uploads finish in a Writer's threads; a
+lock lets only one compute at a time."""
 from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from deepvis.storage import layout
@@ -27,6 +32,8 @@ class ShardWorker:
         # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): they decode
         # images while the GPU computes; a CPU actor's one core keeps 2 decoders busy enough
         self.decoders = max(2, threads or 1) if str(self.device).startswith("cuda") else 2
+        self._compute = threading.Lock()   # one shard computes; the other only uploads
+        self.max_inflight = 16             # uploads in flight per shard (Store.writer)
 
     def pid(self) -> int:
         return os.getpid()
@@ -39,14 +46,17 @@ class ShardWorker:
                 "node": ray.get_runtime_context().get_node_id()}
 
     def run(self, shard: dict) -> dict:
-        kind = shard["type"]
-        summary = {"opt": self._optimize, "data": self._dataset}[kind](shard)
+        compute = {"opt": self._optimize, "data": self._dataset}[shard["type"]]
+        with self.store.writer(self.max_inflight) as writer:
+            with self._compute:
+                summary = compute(shard, writer)
+        # the block waited for every upload and re-raised any error: only now the record
         layout.put_json(self.store, layout.record_key(shard["id"]),
-                        {"id": shard["id"], "hash": shard["hash"], "summary": summary})
+                        {"id": shard["id"], "hash": shard["hash"], "pid": os.getpid(), "summary": summary})
         return summary
 
     # ---------------------------------------------------------------- optimization pass
-    def _optimize(self, shard: dict) -> dict:
+    def _optimize(self, shard: dict, writer) -> dict:
         from deepvis.tasks.modern import is_modern
         from deepvis.tasks.optimize import get_preset, load_presets, optimize_units, result_image
         from deepvis.tasks.quality import measure
@@ -68,15 +78,15 @@ class ShardWorker:
             img = result_image(r, self.lm.preprocessing, stretch=r.preset not in modern)
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            self.store.put(layout.unit_key(shard["layer"], r.unit, layout.preset_image(r.preset, r.index)),
-                           buf.getvalue())
+            writer.put(layout.unit_key(shard["layer"], r.unit, layout.preset_image(r.preset, r.index)),
+                       buf.getvalue())
         for r, q in zip(firsts, quality):
             rows.append({"unit": r.unit, "preset": r.preset, "activation": float(r.activation),
                          "dead": bool(r.dead), "history": [float(h) for h in r.history], **q})
         return {"layer": shard["layer"], "rows": rows}
 
     # ---------------------------------------------------------------- dataset pass
-    def _dataset(self, shard: dict) -> dict:
+    def _dataset(self, shard: dict, writer) -> dict:
         import torch
         from deepvis.storage.datasets import BadImage, dataset_root, read_image
         from deepvis.tasks.activations import batch_unit_maxima
@@ -120,5 +130,5 @@ class ShardWorker:
                     red.add(vals.cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy(), batch_ids)
                 seen += len(batch)
         state = {f"L{i}": red.state_dict() for i, red in enumerate(reducers)}
-        self.store.put(layout.state_key(shard["id"]), layout.pack_state(state))
+        writer.put(layout.state_key(shard["id"]), layout.pack_state(state))
         return {"images": len(ids), "seen": seen, "skipped": skipped}

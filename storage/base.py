@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 
 CONTENT_TYPES = {".json": "application/json", ".parquet": "application/vnd.apache.parquet",
@@ -44,6 +46,73 @@ class Store:
     def local_path(self, key: str) -> str | None:
         """A filesystem path for the key when the store is local (for viewers), else None."""
         return None
+
+    def writer(self, max_inflight: int = 16) -> "Writer":
+        """Puts in background threads, at most max_inflight at a time (an S3 PUT is 20-50 ms of
+        waiting: one after another, a shard's thousands of objects would take minutes). Use as
+        `with store.writer() as w: w.put(key, data)`; leaving the block waits for every upload and
+        re-raises the first error, so what is written after the block (a completion record) is
+        written only when all of them are in the store."""
+        return Writer(self, max_inflight)
+
+
+class Writer:
+    """Bounded concurrent puts into one store (see Store.writer). `put` blocks while max_inflight
+    uploads are running, so memory stays bounded; after a failed upload every later `put` raises at
+    once, and `close` (the end of the `with` block) re-raises it after the running ones finished."""
+
+    def __init__(self, store: Store, max_inflight: int = 16):
+        self.store = store
+        self.max_inflight = max(1, int(max_inflight))
+        self.written = 0
+        self._slots = threading.BoundedSemaphore(self.max_inflight)
+        self._pool = ThreadPoolExecutor(self.max_inflight, thread_name_prefix="store-put") \
+            if self.max_inflight > 1 else None
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._raise()
+        if self._pool is None:          # one in flight: the caller's own thread, no hand-off
+            self.store.put(key, data)
+            self.written += 1
+            return
+        self._slots.acquire()
+        try:
+            self._pool.submit(self._put, key, data)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _put(self, key: str, data: bytes) -> None:
+        try:
+            self.store.put(key, data)
+            with self._lock:
+                self.written += 1
+        except BaseException as e:  # noqa: BLE001 - kept and re-raised in the caller's thread
+            with self._lock:
+                self._error = self._error or e
+        finally:
+            self._slots.release()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every upload; re-raise the first error."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._raise()
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._pool is not None:  # the block failed: still wait (no upload outlives it), keep its error
+            self._pool.shutdown(wait=True)
 
 
 def check_key(key: str) -> str:

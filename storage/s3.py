@@ -27,9 +27,10 @@ import threading
 from urllib.parse import urlsplit, urlunsplit
 
 from deepvis.storage.errors import StoreError
-from deepvis.storage.base import Store, check_key, content_type
+from deepvis.storage.base import Store, Writer, check_key, content_type
 
 MiB = 1024 * 1024
+POOL_CONNECTIONS = 64  # HTTP connections per client: enough for a Writer's uploads in flight
 _LOADER = None  # botocore's data loader, shared by the sessions of this process
 
 # one line each; the fix is part of the message
@@ -191,7 +192,7 @@ class S3Store(Store):
             mode = "standard"
         kw = dict(retries={"mode": mode, "total_max_attempts": int(attempts)},
                   connect_timeout=connect_t, read_timeout=read_t,
-                  max_pool_connections=max(10, self.max_concurrency * 2))
+                  max_pool_connections=max(POOL_CONNECTIONS, self.max_concurrency * 2))
         if endpoint and _is_custom_endpoint(endpoint):
             kw["s3"] = {"addressing_style": "path"}
             kw["request_checksum_calculation"] = "when_required"
@@ -317,6 +318,11 @@ class S3Store(Store):
             raise self._error(e, "put", key) from None
         except BotoCoreError as e:
             raise self._error(e, "put", key) from None
+
+    def writer(self, max_inflight: int = 16) -> Writer:
+        # boto3 clients are thread-safe: the uploads share this process's client and its connections
+        self.client  # noqa: B018 - made once here, not raced by the upload threads
+        return Writer(self, min(max_inflight, POOL_CONNECTIONS))
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

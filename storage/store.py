@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from deepvis.storage.base import Store, check_key  # noqa: F401 (Store: the interface, re-exported)
+from deepvis.storage.base import Store, Writer, check_key  # noqa: F401 (Store: the interface, re-exported)
 from deepvis.storage.errors import StoreError
 
 def _current_umask() -> int:
@@ -142,6 +142,11 @@ class LocalStore(Store):
 
     def local_path(self, key: str) -> str | None:
         return str(self._path(key))
+
+    def writer(self, max_inflight: int = 16) -> Writer:
+        # a local write is a few system calls, not a network round trip: a few threads hide the
+        # file-system latency, more would only compete with the compute for the cores
+        return Writer(self, min(max_inflight, 4))
 
 
 def open_store(uri: str, endpoint_url: str | None = None, must_exist: bool = False) -> Store:

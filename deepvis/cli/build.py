@@ -28,6 +28,8 @@ HELP = {
     "shard_images": "images per dataset shard (default: 200)",
     "batch_size": "images per forward pass in the dataset pass (default: 32)",
     "max_attempts": "attempts before a shard is reported failed (default: 3)",
+    "actor_timeout": "seconds to wait for actors to be placed and loaded; those still waiting are reported "
+                     "and the build goes on without them, or stops if none is ready (default: 300)",
 }
 
 
@@ -42,7 +44,7 @@ def add_parser(sub):
         if key in ("progress", "force"):
             continue
         typ = int if key in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size",
-                             "max_attempts", "diversity") else str
+                             "max_attempts", "diversity", "actor_timeout") else str
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=typ, default=None, help=HELP[key])
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bars (e.g. in CI logs)")
@@ -72,6 +74,8 @@ def print_summary(s: dict, out=sys.stdout) -> None:
     for f in s["failed_shards"]:
         print(f"  FAILED shard {f['id']}: {f['error']}", file=out)
     print(f"  time: {s['seconds']:.1f} s", file=out)
+    if s.get("phases"):
+        print("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["phases"].items()), file=out)
     if s["status"] == "complete":
         print(f"  look: deepvis status {s['atlas']}", file=out)
 

@@ -1,4 +1,4 @@
-"""`deepvis status STORE`: per layer, units expected / done / dead / failed."""
+"""`deepvis status STORE`: per layer, units expected / done / dead / failed; where the build's time went."""
 from __future__ import annotations
 
 import json
@@ -75,7 +75,8 @@ def run(args) -> int:
     state, line = build_state(store, m["status"])
     if args.json:
         print(json.dumps({"status": m["status"], "state": state, "state_detail": line, "layers": rows,
-                          "failed_shards": m.get("failed_shards", [])}))
+                          "failed_shards": m.get("failed_shards", []),
+                          "phases": (m.get("build") or {}).get("phases") or {}}))
         return 0
     w = max([len(r["layer"]) for r in rows] + [5])
     print(f"atlas {args.store}: {line}  model {m['model']['name']}")
@@ -84,4 +85,14 @@ def run(args) -> int:
         print(f"{r['layer']:<{w}}  {r['expected']:>8}  {r['done']:>6}  {r['dead']:>5}  {r['failed']:>6}")
     tot = {k: sum(r[k] for r in rows) for k in ("expected", "done", "dead", "failed")}
     print(f"{'total':<{w}}  {tot['expected']:>8}  {tot['done']:>6}  {tot['dead']:>5}  {tot['failed']:>6}")
+    print_phases(m.get("build") or {})
     return 0
+
+
+def print_phases(build: dict) -> None:
+    """The last run's wall-clock seconds per phase (a resumed build's: what it did itself)."""
+    phases = build.get("phases") or {}
+    if phases:
+        total = build.get("seconds")
+        print("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+              + (f"; total {total:.1f} s" if total is not None else ""))

@@ -87,6 +87,22 @@ def test_build_writes_every_object_and_row(reference, small_dataset):
     assert m["status"] == "complete" and [l["name"] for l in m["layers"]] == LAYERS
     assert m["dataset"]["images"] == n_images and m["dataset"]["images_skipped"] == 0
     assert m["model"]["preprocessing"]["crop"] == 224 and len(m["model"]["labels"]) == 1000
+    phases = m["build"]["phases"]
+    assert set(phases) >= {"plan", "actors", "optimization", "dataset", "merge", "crops", "index", "viewer"}
+    assert all(v >= 0 for v in phases.values()) and phases["optimization"] > 0 and phases["dataset"] > 0
+    # the phases do not overlap and cover the build (but for a few bookkeeping calls between them)
+    assert 0.85 * m["build"]["seconds"] <= sum(phases.values()) <= m["build"]["seconds"] + 0.05
+    assert summary["phases"] == phases
+
+
+def test_status_shows_the_phases(reference, capsys):
+    from deepvis.cli import main
+    out, summary = reference
+    assert main(["status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["phases"] == summary["phases"]
+    assert main(["status", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("time: plan ") and " merge " in last and " viewer " in last and "; total " in last
 
 
 def test_one_actor_same_bytes_as_two(reference, small_dataset, tmp_path):
@@ -96,6 +112,12 @@ def test_one_actor_same_bytes_as_two(reference, small_dataset, tmp_path):
     a, b = atlas_files(out), atlas_files(tmp_path)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+    # run again: nothing to compute, and the manifest holds what this run did, not the first one's
+    first = json.loads((tmp_path / "manifest.json").read_text())["build"]["phases"]
+    summary = run_build(cfg_for(tmp_path, small_dataset, actors=1))
+    phases = json.loads((tmp_path / "manifest.json").read_text())["build"]["phases"]
+    assert summary["shards_computed"] == 0 and summary["actors"] == []
+    assert phases["optimization"] < 0.05 and phases["dataset"] < 0.05 and phases["crops"] < first["crops"]
 
 
 def test_killed_actor_shard_is_redone(reference, small_dataset, tmp_path):

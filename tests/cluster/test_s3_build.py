@@ -83,7 +83,10 @@ def test_build_into_s3_matches_local(ray_cluster, s3_server, dataset, tmp_path):
         a = cli(args[0], uri, *args[1:], "--endpoint-url", s3_server.endpoint_url, env=env)
         b = cli(args[0], str(local), *args[1:], env={})
         assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-        assert json.loads(a.stdout) == json.loads(b.stdout) and json.loads(a.stdout)
+        ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+        if args[0] == "status":   # how long each build's phases took differs run to run, by nature
+            assert set(ja.pop("phases")) == set(jb.pop("phases")) >= {"plan", "dataset", "crops", "viewer"}
+        assert ja == jb and ja
 
 
 def test_wrong_secret_and_missing_bucket_fail_clearly(s3_server, dataset):
