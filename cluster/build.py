@@ -166,6 +166,9 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
                     (node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")) if r.get("GPU")]
         per = max(1, int(min(per_node))) if per_node else 1   # the smallest GPU node must fit an actor
         return n, {"num_gpus": 1, "num_cpus": per, **spread}, per
+    if cfg.precision != "fp32":
+        raise UserError(f"--precision {cfg.precision} needs GPU actors and this cluster has no GPU (on CPU, "
+                        f"reduced precision was slower than fp32 here, see BENCHMARKS.md); use --precision fp32")
     n = cfg.actors or max(1, int(cpus))
     return n, {"num_cpus": min(1.0, cpus / n), **spread}, 1
 
@@ -194,7 +197,8 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
         # nodes have instance roles or profiles
         remote = ray.remote(ShardWorker).options(max_restarts=0, **opts)
         make = lambda: remote.remote(cfg.model, cfg.weights, store, cfg.device, threads,  # noqa: E731
-                                     cfg.dataset, cfg.presets_file, cfg.endpoint_url)
+                                     cfg.dataset, cfg.presets_file, cfg.endpoint_url,
+                                     precision=cfg.precision, decoder=cfg.decoder)
         actors_info: list[dict] = []
 
         def actor_started(actor, info):
@@ -390,6 +394,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
         "k": cfg.k,
         "dataset": None if not cfg.dataset else {
             "uri": _dataset_uri(cfg.dataset),
+            "decoder": cfg.decoder,
             "images": len(plan.images),
             "images_seen": (summary or {}).get("images_seen"),
             "images_skipped": (summary or {}).get("images_skipped"),

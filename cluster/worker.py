@@ -9,10 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from deepvis.storage import layout
 
+CPU_CHANNELS_LAST = True   # measured: bench/optimize.py, bench/topk.py (BENCHMARKS.md)
+
 
 class ShardWorker:
     def __init__(self, model: str, weights: str | None, store, device: str | None, threads: int,
-                 dataset: str | None = None, presets_file: str | None = None, endpoint_url: str | None = None):
+                 dataset: str | None = None, presets_file: str | None = None, endpoint_url: str | None = None,
+                 precision: str = "fp32", decoder: str = "pil"):
         import torch
         from deepvis.tasks.models import load_model
 
@@ -25,9 +28,17 @@ class ShardWorker:
         self.presets_file = presets_file
         self.endpoint_url = endpoint_url  # for an s3:// dataset (the store carries its own)
         self._images: dict[str, object] = {}  # decoded crop inputs, reused across a crop shard
-        # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): they decode
-        # images while the GPU computes; a CPU actor's one core keeps 2 decoders busy enough
-        self.decoders = max(2, threads or 1) if str(self.device).startswith("cuda") else 2
+        # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): its decode
+        # processes use them while the GPU computes; on a CPU actor the forward costs ~25x the decode
+        # of its images (BENCHMARKS.md), one decode process keeps ahead
+        gpu = str(self.device).startswith("cuda")
+        self.decoders = max(1, (threads or 1) - 1) if gpu else 1
+        self.decoder_kind, self.decoder = decoder, None
+        self.precision = precision
+        # channels_last: the layout cuDNN's and oneDNN's fast convolutions use (BENCHMARKS.md)
+        self.channels_last = gpu or CPU_CHANNELS_LAST
+        if self.channels_last:
+            self.lm.module.to(memory_format=torch.channels_last)
 
     def pid(self) -> int:
         return os.getpid()
@@ -78,51 +89,68 @@ class ShardWorker:
 
     # ---------------------------------------------------------------- dataset pass
     def _dataset(self, shard: dict) -> dict:
-        import torch
-        from deepvis.storage.datasets import BadImage, dataset_root, read_image
-        from deepvis.tasks.activations import batch_unit_maxima
-        from deepvis.tasks.preprocess import preprocess
-        from deepvis.tasks.topk import RunningTopK
+        """Redone once from the start when a decode process dies mid-shard (a fresh decoder pool);
+        a second death fails the attempt (the pool retries the shard)."""
+        from concurrent.futures.process import BrokenProcessPool
 
-        root = dataset_root(self.dataset)
-        pre = self.lm.preprocessing
-        layers = shard["layers"]
-        reducers = [RunningTopK(n, shard["k"]) for n in shard["units"]]
-        skipped = []
-
-        def load(image_id):
+        for attempt in (1, 2):
             try:
-                return image_id, preprocess(read_image(root, image_id, endpoint_url=self.endpoint_url), pre), None
-            except BadImage as e:
-                return image_id, None, str(e)
+                return self._dataset_pass(shard)
+            except BrokenProcessPool:
+                self._close_decoder()
+                if attempt == 2:
+                    raise RuntimeError(f"decode processes died twice during shard {shard['id']}") from None
+                self.decoder_restarts = getattr(self, "decoder_restarts", 0) + 1
 
+    def _dataset_pass(self, shard: dict) -> dict:
+        """Decode in other processes (uint8), normalize on the device, one forward per batch with every
+        layer's spatial max taken in its hook, top/bottom-k of every unit kept on the device; the
+        shard's state comes to the host once, at the end."""
+        import torch
+        from deepvis.tasks.activations import batch_unit_maxima, to_model_input
+        from deepvis.tasks.topk import DeviceTopK
+
+        layers, ids = shard["layers"], shard["images"]
+        red = DeviceTopK(sum(shard["units"]), shard["k"], ids, device=self.device)
+        skipped, seen = [], 0
         # batches are fixed slices of the shard's ids (shards start at multiples of the batch size), so
         # every image is computed in the same batch whatever the sharding: the kernels' rounding
         # depends on the batch, and the atlas must not depend on the sharding
-        bs = shard["batch_size"]
-        ids = shard["images"]
-        seen = 0
-        with ThreadPoolExecutor(max_workers=self.decoders) as pool:  # decoding overlaps the forward passes
-            decoded = pool.map(load, ids)
-            for start in range(0, len(ids), bs):
-                batch_ids, batch = [], []
-                for _ in range(min(bs, len(ids) - start)):
-                    image_id, x, err = next(decoded)
-                    if err is not None:
-                        skipped.append({"image": image_id, "reason": err})
-                    else:
-                        batch_ids.append(image_id)
-                        batch.append(x)
-                if not batch:
-                    continue
-                out = batch_unit_maxima(self.lm.module, layers, torch.stack(batch).to(self.device))
-                for red, layer in zip(reducers, layers):
-                    vals, ys, xs = out[layer]
-                    red.add(vals.cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy(), batch_ids)
-                seen += len(batch)
-        state = {f"L{i}": red.state_dict() for i, red in enumerate(reducers)}
+        for batch in self._decoder().batches(ids, shard["batch_size"]):
+            skipped += batch.skipped
+            if not batch.ids:
+                continue
+            x = to_model_input(batch.pixels, self.lm.preprocessing, self.device, channels_last=self.channels_last)
+            with self._autocast():
+                out = batch_unit_maxima(self.lm.module, layers, x, to_cpu=False)
+            red.add(*(torch.cat([out[l][j] for l in layers], dim=1) for j in range(3)), batch.ids)
+            seen += len(batch.ids)
+        state = {f"L{i}": r.state_dict() for i, r in enumerate(red.to_host(shard["units"]))}
         self.store.put(layout.state_key(shard["id"]), layout.pack_state(state))
         return {"images": len(ids), "seen": seen, "skipped": skipped}
+
+    def _decoder(self):
+        """The decode processes, started once per actor (at its first dataset shard)."""
+        from deepvis.cluster.decode import Decoder
+        from deepvis.storage.datasets import dataset_root
+
+        if getattr(self, "decoder", None) is None:
+            self.decoder = Decoder(dataset_root(self.dataset), self.lm.preprocessing, self.decoders,
+                                   endpoint_url=self.endpoint_url, kind=self.decoder_kind)
+        return self.decoder
+
+    def _close_decoder(self) -> None:
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.close()
+            self.decoder = None
+
+    def _autocast(self):
+        """--precision on a GPU: autocast to bf16/fp16 (fp32 and CPU actors: no autocast)."""
+        import contextlib
+        import torch
+        if self.precision == "fp32" or not str(self.device).startswith("cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     # ---------------------------------------------------------------- receptive-field crops
     def _crops(self, shard: dict) -> dict:

@@ -28,6 +28,10 @@ HELP = {
     "shard_images": "images per dataset shard (default: 200)",
     "batch_size": "images per forward pass in the dataset pass (default: 32)",
     "max_attempts": "attempts before a shard is reported failed (default: 3)",
+    "precision": "fp32, bf16 or fp16: autocast and channels_last for both passes on a GPU (default: fp32; "
+                 "CPU actors compute in fp32)",
+    "decoder": "the dataset pass's JPEG decoder: pil, or torchvision (torchvision.io.decode_jpeg); "
+               "recorded in the manifest (default: pil)",
 }
 
 
