@@ -63,6 +63,8 @@ def host_reference(w, shard, dataset) -> list[RunningTopK]:
                 keep.append(i)
             except BadImage:
                 pass
+        if not xs:
+            continue
         x = torch.stack(xs).contiguous(memory_format=torch.channels_last if w.channels_last else torch.contiguous_format)
         out = batch_unit_maxima(w.lm.module, LAYERS, x)
         for red, name in zip(reds, LAYERS):
