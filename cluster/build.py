@@ -92,7 +92,10 @@ def make_shards(plan: Plan, gpu: bool = False) -> None:
     cfg, base = plan.cfg, _base_hash(plan)
     names = [p["name"] for p in plan.presets]
     if plan.presets:
-        per = cfg.shard_units or max(1, (128 if gpu else 8) // len(plan.presets))
+        # images per batch on a CPU actor, measured (bench/optimize.py, BENCHMARKS.md): 8 at 128 px and
+        # more (larger batches fall out of the caches), 32 at 64 px and less
+        size = cfg.size or plan.model["preprocessing"]["crop"]
+        per = cfg.shard_units or max(1, (128 if gpu else 32 if size <= 64 else 8) // len(plan.presets))
         for l in plan.layers:
             sel = l["selected"]
             for i in range(0, len(sel), per):

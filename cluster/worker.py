@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from deepvis.storage import layout
 
-CPU_CHANNELS_LAST = True   # measured: bench/optimize.py, bench/topk.py (BENCHMARKS.md)
+# channels_last on CPU actors too: measured 1.3-1.4x the optimization pass's throughput on this
+# 2-core CPU (bench/optimize.py, BENCHMARKS.md)
+CPU_CHANNELS_LAST = True
 
 
 class ShardWorker:
