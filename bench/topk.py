@@ -350,6 +350,44 @@ def run_build_path(args) -> dict:
             "dataset": f"`{os.path.relpath(source, ROOT)}`"}
 
 
+def compare_decoders(args) -> str:
+    """PIL vs torchvision.io.decode_jpeg (cluster.decode, in this process, 1 thread): CPU seconds per
+    image, pixel agreement of the crops, and what the model sees: activation differences of every
+    default layer and the overlap of each unit's top-k (k = 9) over these images."""
+    from deepvis.cluster.decode import decode_chunk
+    torch.set_num_threads(1)
+    ids = list_images(args.dataset)[: args.limit or 128]
+    root = dataset_root(args.dataset)
+    lm = load_model(args.model)
+    pre = lm.preprocessing
+    px, cpu = {}, {}
+    for kind in ("pil", "torchvision", "pil", "torchvision"):       # twice: warm, then the best
+        t0 = time.process_time()
+        chunk = decode_chunk(root, ids, pre, kind=kind)
+        cpu[kind] = min(cpu.get(kind, float("inf")), (time.process_time() - t0) / len(ids))
+        px[kind] = chunk.pixels
+    a, b = px["pil"].astype(np.int16), px["torchvision"].astype(np.int16)
+    infos = resolve_layers(lm.module, lm.input_size, None)
+    names = [i.name for i in infos]
+    outs = {}
+    for kind in ("pil", "torchvision"):
+        parts = [batch_unit_maxima(lm.module, names, to_model_input(px[kind][s:s + 32], pre))
+                 for s in range(0, len(ids), 32)]
+        outs[kind] = torch.cat([torch.cat([p[n][0] for n in names], 1) for p in parts]).numpy()
+    va, vb = outs["pil"], outs["torchvision"]
+    rel = np.abs(va - vb).max(0) / np.maximum(np.abs(va).max(0), 1e-6)
+    k = 9
+    ta, tb = np.argsort(-va, 0, kind="stable")[:k], np.argsort(-vb, 0, kind="stable")[:k]
+    overlap = np.mean([len(set(ta[:, u]) & set(tb[:, u])) / k for u in range(va.shape[1])])
+    return (f"Decoders on {len(ids)} sample images (`--decoder`, cluster.decode.decode_chunk, 1 thread): CPU per "
+            f"image decode + crop: pil {1000 * cpu['pil']:.1f} ms, torchvision {1000 * cpu['torchvision']:.1f} ms "
+            f"({cpu['pil'] / cpu['torchvision']:.2f}x). Crops: {np.mean(a == b) * 100:.2f}% of the 8-bit values "
+            f"equal, max difference {int(np.abs(a - b).max())} levels, mean {np.abs(a - b).mean():.4f}. Model "
+            f"(all {len(names)} layers, {va.shape[1]:,} units): per-unit max activation difference relative to the "
+            f"unit's max |activation|: median {np.median(rel):.2e}, 99th percentile {np.percentile(rel, 99):.2e}; "
+            f"top-{k} overlap (same images) {overlap * 100:.2f}% on average.")
+
+
 def build_subsection(info) -> str:
     n, rows = info["images"], info["rows"]
     base = rows["decode + bare forward"]
@@ -459,6 +497,8 @@ def main(argv=None) -> int:
     p.add_argument("--build", action="store_true",
                    help="measure the build's own dataset pass (ShardWorker._dataset) against decode + bare forward")
     p.add_argument("--decoder", default="pil", help="with --build: pil or torchvision")
+    p.add_argument("--compare-decoders", action="store_true",
+                   help="print the pil vs torchvision decoder comparison (speed, pixels, activations, top-k)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--json", default=None, help="also write the measurements as JSON here")
@@ -466,6 +506,9 @@ def main(argv=None) -> int:
     if not args.synthetic and not os.path.exists(args.dataset):
         print(f"dataset {args.dataset} not found; pass --dataset or --synthetic N", file=sys.stderr)
         return 2
+    if args.compare_decoders:
+        print(compare_decoders(args))
+        return 0
     info = run_build_path(args) if args.build else run_bench(args)
     print(build_subsection(info) if args.build else table(info))
     if args.json:

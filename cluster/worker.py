@@ -68,12 +68,14 @@ class ShardWorker:
         extra = load_presets(self.presets_file) if self.presets_file else {}
         presets = [extra[n] if n in extra else get_preset(n) for n in shard["presets"]]
         modern = {p.name for p in presets if is_modern(p)}
-        results = optimize_units(self.lm.module, self.lm.preprocessing, shard["layer"], shard["units"], presets,
-                                 model_name=self.lm.name, steps=shard["steps"], size=shard["size"],
-                                 device=self.device, diversity=shard.get("diversity", 1),
-                                 diversity_layer=shard.get("diversity_layer"))
-        firsts = [r for r in results if r.index == 0]
-        quality = measure(self.lm.module, self.lm.preprocessing, shard["layer"], firsts, self.lm.name, self.device)
+        with self._autocast():   # --precision on a GPU; fp32 (no autocast) on CPU actors
+            results = optimize_units(self.lm.module, self.lm.preprocessing, shard["layer"], shard["units"],
+                                     presets, model_name=self.lm.name, steps=shard["steps"], size=shard["size"],
+                                     device=self.device, diversity=shard.get("diversity", 1),
+                                     diversity_layer=shard.get("diversity_layer"))
+            firsts = [r for r in results if r.index == 0]
+            quality = measure(self.lm.module, self.lm.preprocessing, shard["layer"], firsts, self.lm.name,
+                              self.device)
         rows = []
         for r in results:
             # the paper's images are saved contrast-stretched around the mean, as its toolbox did (the
