@@ -59,9 +59,13 @@ def _read_torchvision(root: str, image_id: str, endpoint_url: str | None):
         is_jpeg = False
     if not is_jpeg:
         return read_image(root, image_id, endpoint_url=endpoint_url)
+    import warnings
+
     import torchvision.io as tio
     try:
-        t = tio.decode_jpeg(tio.read_file(path), mode=tio.ImageReadMode.RGB)
+        with warnings.catch_warnings():   # torchvision >= 0.29 says its decoders move to TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = tio.decode_jpeg(tio.read_file(path), mode=tio.ImageReadMode.RGB)
     except RuntimeError:
         return read_image(root, image_id, endpoint_url=endpoint_url)
     return Image.fromarray(t.permute(1, 2, 0).numpy(), "RGB")

@@ -119,3 +119,40 @@ def test_killed_decode_process_gets_the_shard_redone(worker, dataset, monkeypatc
         for kind in ("top", "bottom"):
             for key in ("activation", "image", "y", "x"):
                 np.testing.assert_array_equal(got[kind][key], ref[kind][key])
+
+
+def test_precision_and_decoder_flags(monkeypatch):
+    """--precision and --decoder: checked before any work; reduced precision needs GPU actors (on this
+    CPU bf16 was 8x slower than fp32, BENCHMARKS.md); both reach the actors' options."""
+    import ray
+
+    from deepvis.cluster.build import actor_layout
+    from deepvis.cluster.config import BuildConfig
+    from deepvis.tasks.errors import UserError
+
+    with pytest.raises(UserError, match="precision must be one of fp32, bf16, fp16"):
+        BuildConfig.from_dict({"precision": "fp64"})
+    with pytest.raises(UserError, match="decoder must be one of pil, torchvision"):
+        BuildConfig.from_dict({"decoder": "opencv"})
+    with pytest.raises(UserError, match="needs a GPU"):
+        BuildConfig.from_dict({"precision": "bf16", "device": "cpu"})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(UserError, match="needs GPU actors"):
+        actor_layout(BuildConfig(precision="fp16"))
+    assert actor_layout(BuildConfig(decoder="torchvision"))[0] == 2
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    assert actor_layout(BuildConfig(precision="bf16"))[1]["num_gpus"] == 1
+
+
+def test_torchvision_decoder_gives_the_pil_crops(dataset):
+    """On CPU torchvision.io.decode_jpeg (libjpeg-turbo) decodes the sample JPEGs to PIL's pixels."""
+    from deepvis.cluster.decode import decode_chunk
+    from deepvis.tasks.models import load_model
+    pre = load_model("efficientnet_lite0").preprocessing
+    ids = list_images(dataset)
+    a = decode_chunk(dataset_root(dataset), ids, pre, kind="pil")
+    b = decode_chunk(dataset_root(dataset), ids, pre, kind="torchvision")
+    assert a.ids == b.ids and len(a.ids) == 24 and [s["image"] for s in b.skipped] == ["broken.jpg"]
+    assert np.array_equal(a.pixels, b.pixels)
