@@ -172,6 +172,47 @@ def measure_all(a, lm, preset, tmp) -> dict:
     return best
 
 
+def actor_cpu_seconds(a, units: str, out: str) -> float:
+    """CPU seconds (this process, 1 thread) of the opt shards a build makes for `units`, each run by
+    ShardWorker.run as a CPU actor runs it (optimize_units, quality measures, PNGs, records)."""
+    from deepvis.cluster.build import make_plan, make_shards
+    from deepvis.cluster.config import BuildConfig
+    from deepvis.cluster.worker import ShardWorker
+    from deepvis.storage.store import open_store
+    cfg = BuildConfig(model=a.model, layers=a.layer, units=units, presets=a.preset, steps=a.steps, size=a.size,
+                      dataset=None, out=out, progress=False, device="cpu")
+    plan = make_plan(cfg)
+    make_shards(plan, gpu=False)
+    w = ShardWorker(a.model, None, open_store(out), "cpu", 1)
+    w.run(plan.opt_shards[0])                                       # warm-up
+    t0 = time.process_time()
+    for shard in plan.opt_shards:
+        w.run(shard)
+    return time.process_time() - t0
+
+
+def measure_cpu_seconds(a, lm, preset, tmp) -> dict:
+    """--cpu-seconds: every row in CPU seconds of one thread (robust to a busy machine), interleaved."""
+    model, pre = lm.module, lm.preprocessing
+    torch.set_num_threads(1)
+    baseline_unit(model, pre, a.layer, 0, preset, a.model, 2, a.size, a.device)              # warm-up
+    best: dict[str, float] = {}
+
+    def keep(name, sec):
+        best[name] = min(best.get(name, math.inf), sec)
+        print(f"  {name}: {sec:.2f} CPU s", file=sys.stderr, flush=True)
+    for r in range(a.repeat):
+        t0 = time.process_time()
+        for u in range(max(1, a.baseline_units)):
+            baseline_unit(model, pre, a.layer, u, preset, a.model, a.steps, a.size, a.device)
+        keep("toolbox 1", time.process_time() - t0)
+        for n in (a.small, a.large):
+            keep(f"build {n}", actor_cpu_seconds(a, f"0:{n}", str(tmp / f"c{n}-{r}")))
+        for cl in (False, True):
+            keep(f"actor {'channels_last' if cl else 'contiguous'}", actor_compute(model, pre, a, preset, cl))
+    return best
+
+
 def main(argv=None) -> int:
     import shutil
     import tempfile
@@ -187,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-units", type=int, default=4, help="units timed for the toolbox loop (default 4)")
     p.add_argument("--repeat", type=int, default=2, help="interleaved repeats, best kept (default 2)")
     p.add_argument("--quick", action="store_true", help="smoke run: 64 px, 5 steps, 2 -> 4 units, 1 repeat")
+    p.add_argument("--cpu-seconds", action="store_true",
+                   help="CPU seconds of one thread instead of wall time, the build's shards run by ShardWorker "
+                        "in this process (for a busy machine; no Ray)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     a = p.parse_args(argv)
@@ -201,7 +245,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-opt-"))
     try:
-        best = measure_all(a, lm, preset, tmp)
+        best = (measure_cpu_seconds if a.cpu_seconds else measure_all)(a, lm, preset, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     body = report(a, best, where, load0, argv)
@@ -219,11 +263,12 @@ def report(a, best: dict, where: str, load0: float, argv) -> str:
     marginal = (a.large - a.small) / max(1e-9, best[f"build {a.large}"] - best[f"build {a.small}"])
     rows = [(f"toolbox loop, {k.split()[1]} thread(s)", n_base, best[k], n_base / best[k])
             for k in sorted(k for k in best if k.startswith("toolbox"))]
-    rows += [(f"deepvis build, {n} units (whole build)", n, best[f"build {n}"], n / best[f"build {n}"])
-             for n in (a.small, a.large)]
-    rows.append((f"deepvis build, marginal {a.small} → {a.large} units", a.large - a.small,
+    what = "actor's shards (ShardWorker.run), 1 thread" if a.cpu_seconds else "deepvis build"
+    rows += [(f"{what}, {n} units", n, best[f"build {n}"], n / best[f"build {n}"]) for n in (a.small, a.large)]
+    rows.append((f"{what}, marginal {a.small} → {a.large} units", a.large - a.small,
                  best[f"build {a.large}"] - best[f"build {a.small}"], marginal))
-    lines = ["| method | units | seconds | units/s | vs toolbox |", "|---|---|---|---|---|"]
+    unit = "CPU seconds" if a.cpu_seconds else "seconds"
+    lines = [f"| method | units | {unit} | units/{unit[:-1]} | vs toolbox |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {n} | {s:.2f} | {u:.3g} | {u / base:.2f}x |" for m, n, s, u in rows]
     cl, co = best["actor channels_last"], best["actor contiguous"]
     cmd = "python bench/optimize.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -233,7 +278,11 @@ def report(a, best: dict, where: str, load0: float, argv) -> str:
         f"full forward pass per step, in this process ({n_base} units). *deepvis build*: `run_build` into a "
         f"fresh directory on a local Ray cluster started once (CPU actors as the build sizes them), no "
         f"dataset; *marginal* = the extra units over the extra seconds, so start-up cancels. Interleaved, "
-        f"best of {a.repeat}; the machine was shared, read the ratios.",
+        f"best of {a.repeat}; the machine was shared, read the ratios."
+        + (" **`--cpu-seconds`**: the machine was too busy for wall time (load 20-40 on 2 cores), so every row "
+           "is CPU seconds of one thread in this process: the toolbox loop at 1 thread, and the build's own "
+           "shards (make_shards' sizing) run by `ShardWorker.run` with 1 torch thread as each CPU actor does "
+           "(a CPU build runs one actor per core)." if a.cpu_seconds else ""),
         "",
         f"- machine: {where}; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
         f"- date: {dt.date.today().isoformat()}; command: `{cmd.strip()}`",

@@ -82,8 +82,13 @@ def make_plan(cfg: BuildConfig) -> Plan:
 
 
 def _base_hash(plan: Plan) -> dict:
-    return {"v": VERSION, "model": plan.cfg.model, "weights": _weights_signature(plan.cfg.weights),
+    base = {"v": VERSION, "model": plan.cfg.model, "weights": _weights_signature(plan.cfg.weights),
             "pre": plan.model["preprocessing"]}
+    # what changes the numbers, only when not the default (the shards of earlier builds keep their hash)
+    for key, default in (("precision", "fp32"), ("decoder", "pil")):
+        if getattr(plan.cfg, key) != default:
+            base[key] = getattr(plan.cfg, key)
+    return base
 
 
 def make_shards(plan: Plan, gpu: bool = False) -> None:
