@@ -284,7 +284,7 @@ def report(a, best: dict, where: str, load0: float, argv) -> str:
            "shards (make_shards' sizing) run by `ShardWorker.run` with 1 torch thread as each CPU actor does "
            "(a CPU build runs one actor per core)." if a.cpu_seconds else ""),
         "",
-        f"- machine: {where}; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+        f"- machine: {where}, {os.getloadavg()[0]:.1f} at the end",
         f"- date: {dt.date.today().isoformat()}; command: `{cmd.strip()}`",
         "",
         *lines,
