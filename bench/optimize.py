@@ -1,21 +1,27 @@
-"""Benchmark: regularized activation maximization, batched over units vs one unit at a time.
+"""Benchmark: the build's optimization pass against the deep-visualization-toolbox's loop, in one run.
 
-  batched   tasks.optimize.optimize_units: B units in one batch, one forward/backward per step that
-            stops at the target layer (tasks.hooks.hooked)
-  baseline  the deep-visualization-toolbox's way: one unit at a time, a plain full forward pass of
-            the network per step (the layer captured by a hook), the same update and regularizers
+  toolbox  one unit at a time, a plain full forward pass of the network per step (the layer captured
+           by a hook), the same start image, update and regularizers; this process, torch's default
+           threads (every core)
+  build    `deepvis build` itself (cluster.build.run_build: the actors' code, ShardWorker._optimize:
+           optimize_units, quality measures, PNG writes) on a local Ray cluster started once, CPU
+           actors as the build sizes them; units/s is MARGINAL: (32 - 8) units / (time of the 32-unit
+           build - time of the 8-unit build), so start-up and fixed costs cancel
+  actor compute  optimize_units on one shard (8 units) in this process with 1 torch thread, as an
+           actor runs it: contiguous vs channels_last model (CPU seconds, robust to a busy machine)
 
-Both run the same preset and number of steps at the same image size, in one process. Reports units/s
-and writes the table to BENCHMARKS.md (its "## Optimization" section; other sections are kept).
+Builds and baselines are interleaved (--repeat), best of each kept: on a shared machine the ratio in
+one run is what to read. Writes the "## Optimization" section of BENCHMARKS.md (others are kept).
 
-    python bench/optimize.py                          # CPU defaults: 64 and 128 px, batches 1 8 32
+    python bench/optimize.py                          # CPU: _blocks.8, 128 px, 20 steps, 8 -> 32 units
     python bench/optimize.py --quick --no-write       # smoke run
-    python bench/optimize.py --device cuda --sizes 128,224 --steps 50
+    python bench/optimize.py --device cuda --batches 8,32 --size 224
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import math
 import os
 import platform
@@ -108,85 +114,185 @@ def write_section(path: Path, body: str) -> None:
     replace_section(path, SECTION, f"{SECTION}\n\n{body.rstrip()}\n")
 
 
+def build_seconds(a, units: str, out: str) -> float:
+    """Wall seconds of one `deepvis build` (run_build) of the layer's `units`, no dataset."""
+    from deepvis.cluster.build import run_build
+    from deepvis.cluster.config import BuildConfig
+    cfg = BuildConfig(model=a.model, layers=a.layer, units=units, presets=a.preset, steps=a.steps, size=a.size,
+                      dataset=None, out=out, progress=False, device=a.device)
+    t0 = time.perf_counter()
+    s = run_build(cfg, log=lambda *m: None)
+    if s["status"] != "complete":
+        raise SystemExit(f"build failed: {s['failed_shards']}")
+    return time.perf_counter() - t0
+
+
+def actor_compute(model, pre, a, preset, channels_last: bool) -> float:
+    """CPU seconds of optimize_units on one 8-unit shard, 1 thread (an actor's compute)."""
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.process_time()
+        optimize_units(model, pre, a.layer, list(range(8)), [preset], model_name=a.model, steps=a.steps,
+                       size=a.size, device=a.device)
+        return time.process_time() - t0
+    finally:
+        torch.set_num_threads(threads)
+        model.to(memory_format=torch.contiguous_format)
+
+
+def measure_all(a, lm, preset, tmp) -> dict:
+    """Interleaved repeats of every row; the best of each (seconds)."""
+    import ray
+    model, pre = lm.module, lm.preprocessing
+    n_base = max(1, a.baseline_units)
+    best: dict[str, float] = {}
+
+    def keep(name, sec):
+        best[name] = min(best.get(name, math.inf), sec)
+        print(f"  {name}: {sec:.2f} s", file=sys.stderr, flush=True)
+    baseline_unit(model, pre, a.layer, 0, preset, a.model, 2, a.size, a.device)              # warm-up
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        for r in range(a.repeat):
+            for threads in (os.cpu_count(), 1):
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                for u in range(n_base):
+                    baseline_unit(model, pre, a.layer, u, preset, a.model, a.steps, a.size, a.device)
+                keep(f"toolbox {threads}", time.perf_counter() - t0)
+            torch.set_num_threads(os.cpu_count())
+            for n in (a.small, a.large):
+                keep(f"build {n}", build_seconds(a, f"0:{n}", str(tmp / f"b{n}-{r}")))
+            for cl in (False, True):
+                keep(f"actor {'channels_last' if cl else 'contiguous'}", actor_compute(model, pre, a, preset, cl))
+    finally:
+        ray.shutdown()
+    return best
+
+
+def actor_cpu_seconds(a, units: str, out: str) -> float:
+    """CPU seconds (this process, 1 thread) of the opt shards a build makes for `units`, each run by
+    ShardWorker.run as a CPU actor runs it (optimize_units, quality measures, PNGs, records)."""
+    from deepvis.cluster.build import make_plan, make_shards
+    from deepvis.cluster.config import BuildConfig
+    from deepvis.cluster.worker import ShardWorker
+    from deepvis.storage.store import open_store
+    cfg = BuildConfig(model=a.model, layers=a.layer, units=units, presets=a.preset, steps=a.steps, size=a.size,
+                      dataset=None, out=out, progress=False, device="cpu")
+    plan = make_plan(cfg)
+    make_shards(plan, gpu=False)
+    w = ShardWorker(a.model, None, open_store(out), "cpu", 1)
+    w.run(plan.opt_shards[0])                                       # warm-up
+    t0 = time.process_time()
+    for shard in plan.opt_shards:
+        w.run(shard)
+    return time.process_time() - t0
+
+
+def measure_cpu_seconds(a, lm, preset, tmp) -> dict:
+    """--cpu-seconds: every row in CPU seconds of one thread (robust to a busy machine), interleaved."""
+    model, pre = lm.module, lm.preprocessing
+    torch.set_num_threads(1)
+    baseline_unit(model, pre, a.layer, 0, preset, a.model, 2, a.size, a.device)              # warm-up
+    best: dict[str, float] = {}
+
+    def keep(name, sec):
+        best[name] = min(best.get(name, math.inf), sec)
+        print(f"  {name}: {sec:.2f} CPU s", file=sys.stderr, flush=True)
+    for r in range(a.repeat):
+        t0 = time.process_time()
+        for u in range(max(1, a.baseline_units)):
+            baseline_unit(model, pre, a.layer, u, preset, a.model, a.steps, a.size, a.device)
+        keep("toolbox 1", time.process_time() - t0)
+        for n in (a.small, a.large):
+            keep(f"build {n}", actor_cpu_seconds(a, f"0:{n}", str(tmp / f"c{n}-{r}")))
+        for cl in (False, True):
+            keep(f"actor {'channels_last' if cl else 'contiguous'}", actor_compute(model, pre, a, preset, cl))
+    return best
+
+
 def main(argv=None) -> int:
+    import shutil
+    import tempfile
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--layer", default="_blocks.8", help="target layer (default: a mid-network block)")
     p.add_argument("--preset", default="yosinski-3")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--sizes", default="64,128", help="image sizes, comma-separated (default 64,128)")
-    p.add_argument("--batches", default="1,8,32", help="batch sizes (units per batch), default 1,8,32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--size", type=int, default=128, help="image size (default 128)")
     p.add_argument("--steps", type=int, default=20, help="optimization steps per unit (default 20)")
-    p.add_argument("--baseline-units", type=int, default=4,
-                   help="units timed one at a time for the baseline (default 4)")
-    p.add_argument("--repeat", type=int, default=2, help="time each config this many times, keep the best")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 64 px, batches 1,8, 5 steps, 2 baseline units, 1 repeat")
+    p.add_argument("--small", type=int, default=8, help="units of the smaller build (default 8)")
+    p.add_argument("--large", type=int, default=32, help="units of the larger build (default 32)")
+    p.add_argument("--baseline-units", type=int, default=4, help="units timed for the toolbox loop (default 4)")
+    p.add_argument("--repeat", type=int, default=2, help="interleaved repeats, best kept (default 2)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 64 px, 5 steps, 2 -> 4 units, 1 repeat")
+    p.add_argument("--cpu-seconds", action="store_true",
+                   help="CPU seconds of one thread instead of wall time, the build's shards run by ShardWorker "
+                        "in this process (for a busy machine; no Ray)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     a = p.parse_args(argv)
     if a.quick:
-        a.sizes, a.batches, a.steps, a.baseline_units, a.repeat = "64", "1,8", 5, 2, 1
+        a.size, a.steps, a.small, a.large, a.baseline_units, a.repeat = 64, 5, 2, 4, 2, 1
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but CUDA is not available")
-    sizes, batches = ints(a.sizes), ints(a.batches)
     preset = get_preset(a.preset)
     lm = load_model(a.model, device=device)
-    model, pre = lm.module, lm.preprocessing
     where = machine(device)
-
-    rows = []   # (size, method, batch, units/s)
-    for size in sizes:
-        n_base = max(1, a.baseline_units)
-        base_units = list(range(n_base))
-        baseline_unit(model, pre, a.layer, 0, preset, a.model, 2, size, device)          # warm-up
-        t = timed(lambda: [baseline_unit(model, pre, a.layer, u, preset, a.model, a.steps, size, device)
-                           for u in base_units], device, a.repeat)
-        base = n_base / t
-        rows.append((size, "baseline: one unit, full forward", 1, base))
-        print(f"{size}px baseline: {base:.3f} units/s", file=sys.stderr, flush=True)
-        for b in batches:
-            units = list(range(b))
-            optimize_units(model, pre, a.layer, units, [preset], model_name=a.model, steps=2, size=size,
-                           device=device)                                                  # warm-up
-            t = timed(lambda: optimize_units(model, pre, a.layer, units, [preset], model_name=a.model,
-                                             steps=a.steps, size=size, device=device), device, a.repeat)
-            rows.append((size, "batched: optimize_units", b, b / t))
-            print(f"{size}px batch {b}: {b / t:.3f} units/s ({b / t / base:.2f}x)", file=sys.stderr, flush=True)
-
-    lines = ["| image | method | units per batch | units/s | vs baseline |", "|---|---|---|---|---|"]
-    base_of = {s: u for s, m, _, u in rows if m.startswith("baseline")}
-    for s, m, b, u in rows:
-        lines.append(f"| {s} px | {m} | {b} | {u:.3g} | {u / base_of[s]:.2f}x |")
-    best = max((r for r in rows if not r[1].startswith("baseline")), key=lambda r: r[3] / base_of[r[0]])
-    alone = []   # the gain of batching itself: best batch vs batch 1 of optimize_units, per size
-    for s_ in sizes:
-        one = [u for s, m, b, u in rows if s == s_ and b == 1 and not m.startswith("baseline")]
-        top = max(((u, b) for s, m, b, u in rows if s == s_ and not m.startswith("baseline")), default=None)
-        if one and top:
-            alone.append(f"{s_} px: {top[0] / one[0]:.2f}x (batch {top[1]})")
-    cmd = "python bench/optimize.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = "\n".join([
-        f"Regularized activation maximization of `{a.model}` layer `{a.layer}` (preset `{preset.name}`, "
-        f"{a.steps} steps per unit), units/s. *batched*: `tasks.optimize.optimize_units`, all units of a "
-        f"batch in one forward/backward that stops at the layer. *baseline*: the deep-visualization-"
-        f"toolbox's way, one unit at a time with a full forward pass of the network per step "
-        f"({a.baseline_units} units timed), same update and regularizers. Best of {a.repeat} runs each.",
-        "",
-        f"- machine: {where}; device `{device}`",
-        f"- date: {dt.date.today().isoformat()}; command: `{cmd.strip()}`",
-        "",
-        *lines,
-        "",
-        f"Best: {best[3] / base_of[best[0]]:.2f}x the baseline ({best[0]} px, {best[2]} units per batch)."
-        + (f" Batching alone (best batch vs batch 1 of optimize_units): {'; '.join(alone)}." if alone else ""),
-    ])
+    load0 = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-opt-"))
+    try:
+        best = (measure_cpu_seconds if a.cpu_seconds else measure_all)(a, lm, preset, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    body = report(a, best, where, load0, argv)
     print(body)
     if not a.no_write:
         write_section(Path(a.out), body)
         print(f"wrote the {SECTION!r} section of {a.out}", file=sys.stderr)
     return 0
+
+
+def report(a, best: dict, where: str, load0: float, argv) -> str:
+    n_base = max(1, a.baseline_units)
+    base_threads = min((k for k in best if k.startswith("toolbox")), key=lambda k: best[k])
+    base = n_base / best[base_threads]
+    marginal = (a.large - a.small) / max(1e-9, best[f"build {a.large}"] - best[f"build {a.small}"])
+    rows = [(f"toolbox loop, {k.split()[1]} thread(s)", n_base, best[k], n_base / best[k])
+            for k in sorted(k for k in best if k.startswith("toolbox"))]
+    what = "actor's shards (ShardWorker.run), 1 thread" if a.cpu_seconds else "deepvis build"
+    rows += [(f"{what}, {n} units", n, best[f"build {n}"], n / best[f"build {n}"]) for n in (a.small, a.large)]
+    rows.append((f"{what}, marginal {a.small} → {a.large} units", a.large - a.small,
+                 best[f"build {a.large}"] - best[f"build {a.small}"], marginal))
+    unit = "CPU seconds" if a.cpu_seconds else "seconds"
+    lines = [f"| method | units | {unit} | units/{unit[:-1]} | vs toolbox |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {n} | {s:.2f} | {u:.3g} | {u / base:.2f}x |" for m, n, s, u in rows]
+    cl, co = best["actor channels_last"], best["actor contiguous"]
+    cmd = "python bench/optimize.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    return "\n".join([
+        f"The build's optimization pass against the deep-visualization-toolbox's loop, `{a.model}` layer "
+        f"`{a.layer}`, preset `{a.preset}`, {a.steps} steps, {a.size} px. *toolbox*: one unit at a time, a "
+        f"full forward pass per step, in this process ({n_base} units). *deepvis build*: `run_build` into a "
+        f"fresh directory on a local Ray cluster started once (CPU actors as the build sizes them), no "
+        f"dataset; *marginal* = the extra units over the extra seconds, so start-up cancels. Interleaved, "
+        f"best of {a.repeat}; the machine was shared, read the ratios."
+        + (" **`--cpu-seconds`**: the machine was too busy for wall time (load 20-40 on 2 cores), so every row "
+           "is CPU seconds of one thread in this process: the toolbox loop at 1 thread, and the build's own "
+           "shards (make_shards' sizing) run by `ShardWorker.run` with 1 torch thread as each CPU actor does "
+           "(a CPU build runs one actor per core)." if a.cpu_seconds else ""),
+        "",
+        f"- machine: {where}, {os.getloadavg()[0]:.1f} at the end",
+        f"- date: {dt.date.today().isoformat()}; command: `{cmd.strip()}`",
+        "",
+        *lines,
+        "",
+        f"**Build (marginal) / toolbox (its best thread count) = {marginal / base:.2f}×** (target ≥ 2×). "
+        f"An actor's compute on one 8-unit shard, 1 thread, CPU seconds: contiguous {co:.2f} s, "
+        f"channels_last {cl:.2f} s (**{co / cl:.2f}×**, why the actors use channels_last).",
+    ])
 
 
 if __name__ == "__main__":

@@ -300,6 +300,116 @@ def run_bench(args) -> dict:
     return info
 
 
+def run_build_path(args) -> dict:
+    """The build's own dataset pass (cluster.worker.ShardWorker._dataset: decode processes, uint8
+    batches, normalization, hooks on every layer and DeviceTopK on the model's device, the shard's
+    state written) against the bare decode + forward of the same images (the same decode processes
+    and batches, model(x) without hooks), in this process with the same threads, interleaved."""
+    import shutil
+    from deepvis.cluster.worker import ShardWorker
+    from deepvis.storage.store import open_store
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch or (256 if device == "cuda" else 32)
+    source = args.dataset
+    ids = list_images(source)[: args.limit or None]
+    tmp = tempfile.mkdtemp(prefix="topk-build-")
+    w = ShardWorker(args.model, None, open_store(tmp), device, torch.get_num_threads(), dataset=source,
+                    decoder=args.decoder)
+    infos = resolve_layers(w.lm.module, w.lm.input_size, None, device=device)
+    shard = {"type": "data", "id": "data/bench", "hash": "-", "layers": [i.name for i in infos],
+             "units": [i.units for i in infos], "k": 9, "images": ids, "batch_size": batch}
+    dec, pre = w._decoder(), w.lm.preprocessing
+
+    def bare(part=ids):
+        with torch.no_grad():
+            for b in dec.batches(part, batch):
+                if b.ids:
+                    w.lm.module(to_model_input(b.pixels, pre, device, channels_last=w.channels_last))
+        sync(device)
+
+    def build(part=ids):
+        w._dataset({**shard, "images": part})
+        sync(device)
+    bare(ids[:batch]), build(ids[:batch])                      # warm-up
+    times = {"decode + bare forward": float("inf"), "build dataset pass": float("inf")}
+    for _ in range(args.repeat):
+        for name, fn in (("decode + bare forward", bare), ("build dataset pass", build)):
+            t0 = time.perf_counter()
+            fn()
+            times[name] = min(times[name], time.perf_counter() - t0)
+            print(f"  {name}: {times[name]:.2f} s", file=sys.stderr, flush=True)
+    w._close_decoder()
+    shutil.rmtree(tmp, ignore_errors=True)
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return {"device": f"{device}, build path", "device_name": dev_name, "batch": batch, "images": len(ids),
+            "layers": len(infos), "units": sum(i.units for i in infos), "model": args.model,
+            "decoders": w.decoders, "decoder": args.decoder, "threads": torch.get_num_threads(),
+            "channels_last": w.channels_last, "repeat": args.repeat, "cpus": os.cpu_count(),
+            "load": os.getloadavg()[0], "torch": torch.__version__, "rows": times,
+            "dataset": f"`{os.path.relpath(source, ROOT)}`"}
+
+
+def compare_decoders(args) -> str:
+    """PIL vs torchvision.io.decode_jpeg (cluster.decode, in this process, 1 thread): CPU seconds per
+    image, pixel agreement of the crops, and what the model sees: activation differences of every
+    default layer and the overlap of each unit's top-k (k = 9) over these images."""
+    from deepvis.cluster.decode import decode_chunk
+    torch.set_num_threads(1)
+    ids = list_images(args.dataset)[: args.limit or 128]
+    root = dataset_root(args.dataset)
+    lm = load_model(args.model)
+    pre = lm.preprocessing
+    px, cpu = {}, {}
+    for kind in ("pil", "torchvision", "pil", "torchvision"):       # twice: warm, then the best
+        t0 = time.process_time()
+        chunk = decode_chunk(root, ids, pre, kind=kind)
+        cpu[kind] = min(cpu.get(kind, float("inf")), (time.process_time() - t0) / len(ids))
+        px[kind] = chunk.pixels
+    a, b = px["pil"].astype(np.int16), px["torchvision"].astype(np.int16)
+    infos = resolve_layers(lm.module, lm.input_size, None)
+    names = [i.name for i in infos]
+    outs = {}
+    for kind in ("pil", "torchvision"):
+        parts = [batch_unit_maxima(lm.module, names, to_model_input(px[kind][s:s + 32], pre))
+                 for s in range(0, len(ids), 32)]
+        outs[kind] = torch.cat([torch.cat([p[n][0] for n in names], 1) for p in parts]).numpy()
+    va, vb = outs["pil"], outs["torchvision"]
+    rel = np.abs(va - vb).max(0) / np.maximum(np.abs(va).max(0), 1e-6)
+    k = 9
+    ta, tb = np.argsort(-va, 0, kind="stable")[:k], np.argsort(-vb, 0, kind="stable")[:k]
+    overlap = np.mean([len(set(ta[:, u]) & set(tb[:, u])) / k for u in range(va.shape[1])])
+    return (f"Decoders on {len(ids)} sample images (`--decoder`, cluster.decode.decode_chunk, 1 thread): CPU per "
+            f"image decode + crop: pil {1000 * cpu['pil']:.1f} ms, torchvision {1000 * cpu['torchvision']:.1f} ms "
+            f"({cpu['pil'] / cpu['torchvision']:.2f}x). Crops: {np.mean(a == b) * 100:.2f}% of the 8-bit values "
+            f"equal, max difference {int(np.abs(a - b).max())} levels, mean {np.abs(a - b).mean():.4f}. Model "
+            f"(all {len(names)} layers, {va.shape[1]:,} units): per-unit max activation difference relative to the "
+            f"unit's max |activation|: median {np.median(rel):.2e}, 99th percentile {np.percentile(rel, 99):.2e}; "
+            f"top-{k} overlap (same images) {overlap * 100:.2f}% on average.")
+
+
+def build_subsection(info) -> str:
+    n, rows = info["images"], info["rows"]
+    base = rows["decode + bare forward"]
+    lines = ["| step | seconds | images/s | × decode + bare forward |", "|---|---|---|---|"]
+    lines += [f"| {k} | {sec:.2f} | {n / sec:.1f} | {base / sec:.2f} |" for k, sec in rows.items()]
+    return f"""### {info['device']}: {info['device_name']}
+
+{datetime.date.today().isoformat()}: {info['dataset']} ({info['images']} images), `{info['model']}`, batches of
+{info['batch']}, {info['decoders']} decode process(es) (`--decoder {info['decoder']}`), torch {info['torch']}
+({info['threads']} threads), channels_last {info['channels_last']}; all {info['layers']} default layers =
+{info['units']:,} units hooked, DeviceTopK on the model's device. `python bench/topk.py --build`: the
+build's `ShardWorker._dataset` itself against the same decode processes feeding a bare `model(x)`, in
+one process with the same threads (a CPU build runs one such actor per core). Best of {info['repeat']},
+interleaved; load average (1 min) at the end {info['load']:.1f} on {info['cpus']} CPUs (a shared machine:
+read the ratio).
+
+{chr(10).join(lines)}
+
+**Build dataset pass / (decode + bare forward) = {base / rows['build dataset pass']:.2f}×** (target ≥ 0.9×).
+"""
+
+
 def table(info) -> str:
     n, rows = info["images"], info["rows"]
     base = n / rows["bare forward"]
@@ -354,7 +464,8 @@ def write_section(path: str, info: dict) -> None:
     if m:
         for block in re.split(r"(?m)^(?=### )", m.group(0))[1:]:
             subs[block.split(":", 1)[0][4:].strip()] = block.rstrip("\n") + "\n"
-    subs[info["device"]] = subsection(info).rstrip("\n") + "\n"
+    text_of = build_subsection if info["device"].endswith("build path") else subsection
+    subs[info["device"]] = text_of(info).rstrip("\n") + "\n"
     text = INTRO + "\n" + "\n".join(subs[k] for k in sorted(subs, key=lambda d: (d != "cuda", d))) + "\n"
     if m:
         new = old[:m.start()] + text + old[m.end():]
@@ -383,6 +494,11 @@ def main(argv=None) -> int:
     p.add_argument("--device-reduce", action="store_true",
                    help="batch_unit_maxima(to_cpu=False): RunningTopK reduces on the GPU (default: inline)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--build", action="store_true",
+                   help="measure the build's own dataset pass (ShardWorker._dataset) against decode + bare forward")
+    p.add_argument("--decoder", default="pil", help="with --build: pil or torchvision")
+    p.add_argument("--compare-decoders", action="store_true",
+                   help="print the pil vs torchvision decoder comparison (speed, pixels, activations, top-k)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--json", default=None, help="also write the measurements as JSON here")
@@ -390,8 +506,11 @@ def main(argv=None) -> int:
     if not args.synthetic and not os.path.exists(args.dataset):
         print(f"dataset {args.dataset} not found; pass --dataset or --synthetic N", file=sys.stderr)
         return 2
-    info = run_bench(args)
-    print(table(info))
+    if args.compare_decoders:
+        print(compare_decoders(args))
+        return 0
+    info = run_build_path(args) if args.build else run_bench(args)
+    print(build_subsection(info) if args.build else table(info))
     if args.json:
         import json
         with open(args.json, "w") as fh:

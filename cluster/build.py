@@ -90,8 +90,13 @@ def make_plan(cfg: BuildConfig) -> Plan:
 
 
 def _base_hash(plan: Plan) -> dict:
-    return {"v": VERSION, "model": plan.cfg.model, "weights": _weights_signature(plan.cfg.weights),
+    base = {"v": VERSION, "model": plan.cfg.model, "weights": _weights_signature(plan.cfg.weights),
             "pre": plan.model["preprocessing"]}
+    # what changes the numbers, only when not the default (the shards of earlier builds keep their hash)
+    for key, default in (("precision", "fp32"), ("decoder", "pil")):
+        if getattr(plan.cfg, key) != default:
+            base[key] = getattr(plan.cfg, key)
+    return base
 
 
 def make_shards(plan: Plan, gpu: bool = False) -> None:
@@ -100,7 +105,10 @@ def make_shards(plan: Plan, gpu: bool = False) -> None:
     cfg, base = plan.cfg, _base_hash(plan)
     names = [p["name"] for p in plan.presets]
     if plan.presets:
-        per = cfg.shard_units or max(1, (128 if gpu else 8) // len(plan.presets))
+        # images per batch on a CPU actor, measured (bench/optimize.py, BENCHMARKS.md): 8 at 128 px and
+        # more (larger batches fall out of the caches), 32 at 64 px and less
+        size = cfg.size or plan.model["preprocessing"]["crop"]
+        per = cfg.shard_units or max(1, (128 if gpu else 32 if size <= 64 else 8) // len(plan.presets))
         for l in plan.layers:
             sel = l["selected"]
             for i in range(0, len(sel), per):
@@ -176,6 +184,9 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
                     (node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")) if r.get("GPU")]
         per = max(1, int(min(per_node))) if per_node else 1   # the smallest GPU node must fit an actor
         return n, {"num_gpus": 1, "num_cpus": per, **spread}, per
+    if cfg.precision != "fp32":
+        raise UserError(f"--precision {cfg.precision} needs GPU actors and this cluster has no GPU (on CPU, "
+                        f"reduced precision was slower than fp32 here, see BENCHMARKS.md); use --precision fp32")
     n = cfg.actors or max(1, int(cpus))
     return n, {"num_cpus": min(1.0, cpus / n), **spread}, 1
 
@@ -308,7 +319,8 @@ def _prepare(b: _Build) -> None:
     # have instance roles or profiles. Two calls at once: one computes while the other uploads.
     remote = ray.remote(ShardWorker).options(max_restarts=0, max_concurrency=2, **opts)
     b.make_actor = lambda: remote.remote(cfg.model, cfg.weights, b.store, cfg.device, threads,  # noqa: E731
-                                         cfg.dataset, cfg.presets_file, cfg.endpoint_url)
+                                         cfg.dataset, cfg.presets_file, cfg.endpoint_url,
+                                         precision=cfg.precision, decoder=cfg.decoder)
 
 
 def _make_pool(b: _Build):
@@ -497,6 +509,7 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
         "k": cfg.k,
         "dataset": None if not cfg.dataset else {
             "uri": _dataset_uri(cfg.dataset),
+            "decoder": cfg.decoder,
             "images": len(plan.images),
             "images_seen": (summary or {}).get("images_seen"),
             "images_skipped": (summary or {}).get("images_skipped"),

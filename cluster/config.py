@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 
 from deepvis.tasks.errors import UserError
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
 
 @dataclass
 class BuildConfig:
@@ -31,6 +33,8 @@ class BuildConfig:
     shard_units: int | None = None      # units per optimization shard (None: sized for the device)
     shard_images: int = 200             # images per dataset shard
     batch_size: int = 32                # images per forward in the dataset pass
+    precision: str = "fp32"             # fp32 | bf16 | fp16: autocast of both passes (GPU; see validate)
+    decoder: str = "pil"                # pil | torchvision: the dataset pass's JPEG decoder
     max_attempts: int = 3               # a shard failing this often is reported as failed
     actor_timeout: int = 300            # seconds before unplaced actors are reported (none placed: error)
     progress: bool = True
@@ -87,6 +91,12 @@ class BuildConfig:
                 raise UserError(f"{name} must be at least 1, got {v}")
         if self.size is not None and self.size < 16:
             raise UserError(f"size must be at least 16 pixels, got {self.size}")
+        for name, allowed in (("precision", PRECISIONS), ("decoder", ("pil", "torchvision"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.precision != "fp32" and self.device == "cpu":
+            raise UserError(f"--precision {self.precision} needs a GPU (on CPU it is slower than fp32 and "
+                            f"disagrees more, see BENCHMARKS.md); use --precision fp32 or --device cuda")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -10,14 +10,18 @@ from __future__ import annotations
 import io
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from deepvis.storage import layout
+
+# channels_last on CPU actors too: measured 1.3-1.4x the optimization pass's throughput on this
+# 2-core CPU (bench/optimize.py, BENCHMARKS.md)
+CPU_CHANNELS_LAST = True
 
 
 class ShardWorker:
     def __init__(self, model: str, weights: str | None, store, device: str | None, threads: int,
-                 dataset: str | None = None, presets_file: str | None = None, endpoint_url: str | None = None):
+                 dataset: str | None = None, presets_file: str | None = None, endpoint_url: str | None = None,
+                 precision: str = "fp32", decoder: str = "pil"):
         import torch
         from deepvis.tasks.models import load_model
 
@@ -29,9 +33,17 @@ class ShardWorker:
         self.dataset = dataset
         self.presets_file = presets_file
         self.endpoint_url = endpoint_url  # for an s3:// dataset (the store carries its own)
-        # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): they decode
-        # images while the GPU computes; a CPU actor's one core keeps 2 decoders busy enough
-        self.decoders = max(2, threads or 1) if str(self.device).startswith("cuda") else 2
+        # a GPU actor holds its share of the node's CPUs (cluster.build.actor_layout): its decode
+        # processes use them while the GPU computes; on a CPU actor the forward costs ~25x the decode
+        # of its images (BENCHMARKS.md), one decode process keeps ahead
+        gpu = str(self.device).startswith("cuda")
+        self.decoders = max(1, (threads or 1) - 1) if gpu else 1
+        self.decoder_kind, self.decoder = decoder, None
+        self.precision = precision
+        # channels_last: the layout cuDNN's and oneDNN's fast convolutions use (BENCHMARKS.md)
+        self.channels_last = gpu or CPU_CHANNELS_LAST
+        if self.channels_last:
+            self.lm.module.to(memory_format=torch.channels_last)
         self._compute = threading.Lock()   # one shard computes; the other only uploads
         self.max_inflight = 16             # uploads in flight per shard (Store.writer)
 
@@ -64,12 +76,14 @@ class ShardWorker:
         extra = load_presets(self.presets_file) if self.presets_file else {}
         presets = [extra[n] if n in extra else get_preset(n) for n in shard["presets"]]
         modern = {p.name for p in presets if is_modern(p)}
-        results = optimize_units(self.lm.module, self.lm.preprocessing, shard["layer"], shard["units"], presets,
-                                 model_name=self.lm.name, steps=shard["steps"], size=shard["size"],
-                                 device=self.device, diversity=shard.get("diversity", 1),
-                                 diversity_layer=shard.get("diversity_layer"))
-        firsts = [r for r in results if r.index == 0]
-        quality = measure(self.lm.module, self.lm.preprocessing, shard["layer"], firsts, self.lm.name, self.device)
+        with self._autocast():   # --precision on a GPU; fp32 (no autocast) on CPU actors
+            results = optimize_units(self.lm.module, self.lm.preprocessing, shard["layer"], shard["units"],
+                                     presets, model_name=self.lm.name, steps=shard["steps"], size=shard["size"],
+                                     device=self.device, diversity=shard.get("diversity", 1),
+                                     diversity_layer=shard.get("diversity_layer"))
+            firsts = [r for r in results if r.index == 0]
+            quality = measure(self.lm.module, self.lm.preprocessing, shard["layer"], firsts, self.lm.name,
+                              self.device)
         rows = []
         for r in results:
             # the paper's images are saved contrast-stretched around the mean, as its toolbox did (the
@@ -87,48 +101,65 @@ class ShardWorker:
 
     # ---------------------------------------------------------------- dataset pass
     def _dataset(self, shard: dict, writer) -> dict:
-        import torch
-        from deepvis.storage.datasets import BadImage, dataset_root, read_image
-        from deepvis.tasks.activations import batch_unit_maxima
-        from deepvis.tasks.preprocess import preprocess
-        from deepvis.tasks.topk import RunningTopK
+        """Redone once from the start when a decode process dies mid-shard (a fresh decoder pool);
+        a second death fails the attempt (the pool retries the shard)."""
+        from concurrent.futures.process import BrokenProcessPool
 
-        root = dataset_root(self.dataset)
-        pre = self.lm.preprocessing
-        layers = shard["layers"]
-        reducers = [RunningTopK(n, shard["k"]) for n in shard["units"]]
-        skipped = []
-
-        def load(image_id):
+        for attempt in (1, 2):
             try:
-                return image_id, preprocess(read_image(root, image_id, endpoint_url=self.endpoint_url), pre), None
-            except BadImage as e:
-                return image_id, None, str(e)
+                return self._dataset_pass(shard, writer)
+            except BrokenProcessPool:
+                self._close_decoder()
+                if attempt == 2:
+                    raise RuntimeError(f"decode processes died twice during shard {shard['id']}") from None
+                self.decoder_restarts = getattr(self, "decoder_restarts", 0) + 1
 
+    def _dataset_pass(self, shard: dict, writer) -> dict:
+        """Decode in other processes (uint8), normalize on the device, one forward per batch with every
+        layer's spatial max taken in its hook, top/bottom-k of every unit kept on the device; the
+        shard's state comes to the host once, at the end."""
+        import torch
+        from deepvis.tasks.activations import batch_unit_maxima, to_model_input
+        from deepvis.tasks.topk import DeviceTopK
+
+        layers, ids = shard["layers"], shard["images"]
+        red = DeviceTopK(sum(shard["units"]), shard["k"], ids, device=self.device)
+        skipped, seen = [], 0
         # batches are fixed slices of the shard's ids (shards start at multiples of the batch size), so
         # every image is computed in the same batch whatever the sharding: the kernels' rounding
         # depends on the batch, and the atlas must not depend on the sharding
-        bs = shard["batch_size"]
-        ids = shard["images"]
-        seen = 0
-        with ThreadPoolExecutor(max_workers=self.decoders) as pool:  # decoding overlaps the forward passes
-            decoded = pool.map(load, ids)
-            for start in range(0, len(ids), bs):
-                batch_ids, batch = [], []
-                for _ in range(min(bs, len(ids) - start)):
-                    image_id, x, err = next(decoded)
-                    if err is not None:
-                        skipped.append({"image": image_id, "reason": err})
-                    else:
-                        batch_ids.append(image_id)
-                        batch.append(x)
-                if not batch:
-                    continue
-                out = batch_unit_maxima(self.lm.module, layers, torch.stack(batch).to(self.device))
-                for red, layer in zip(reducers, layers):
-                    vals, ys, xs = out[layer]
-                    red.add(vals.cpu().numpy(), ys.cpu().numpy(), xs.cpu().numpy(), batch_ids)
-                seen += len(batch)
-        state = {f"L{i}": red.state_dict() for i, red in enumerate(reducers)}
+        for batch in self._decoder().batches(ids, shard["batch_size"]):
+            skipped += batch.skipped
+            if not batch.ids:
+                continue
+            x = to_model_input(batch.pixels, self.lm.preprocessing, self.device, channels_last=self.channels_last)
+            with self._autocast():
+                out = batch_unit_maxima(self.lm.module, layers, x, to_cpu=False)
+            red.add(*(torch.cat([out[l][j] for l in layers], dim=1) for j in range(3)), batch.ids)
+            seen += len(batch.ids)
+        state = {f"L{i}": r.state_dict() for i, r in enumerate(red.to_host(shard["units"]))}
         writer.put(layout.state_key(shard["id"]), layout.pack_state(state))
         return {"images": len(ids), "seen": seen, "skipped": skipped}
+
+    def _decoder(self):
+        """The decode processes, started once per actor (at its first dataset shard)."""
+        from deepvis.cluster.decode import Decoder
+        from deepvis.storage.datasets import dataset_root
+
+        if getattr(self, "decoder", None) is None:
+            self.decoder = Decoder(dataset_root(self.dataset), self.lm.preprocessing, self.decoders,
+                                   endpoint_url=self.endpoint_url, kind=self.decoder_kind)
+        return self.decoder
+
+    def _close_decoder(self) -> None:
+        if getattr(self, "decoder", None) is not None:
+            self.decoder.close()
+            self.decoder = None
+
+    def _autocast(self):
+        """--precision on a GPU: autocast to bf16/fp16 (fp32 and CPU actors: no autocast)."""
+        import contextlib
+        import torch
+        if self.precision == "fp32" or not str(self.device).startswith("cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)

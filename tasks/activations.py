@@ -20,7 +20,12 @@ def spatial_max(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     numpy's argmax)."""
     if out.dim() == 4:
         n, c, h, w = out.shape
-        values, flat = out.reshape(n, c, h * w).max(dim=2)
+        if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+            # (N, H*W, C) is a view of a channels-last map: no copy; the max over a non-innermost
+            # dim breaks ties by the lower index as well
+            values, flat = out.permute(0, 2, 3, 1).reshape(n, h * w, c).max(dim=1)
+        else:
+            values, flat = out.reshape(n, c, h * w).max(dim=2)
         flat = flat.to(torch.int32)
         return values.float(), torch.div(flat, w, rounding_mode="floor"), torch.remainder(flat, w)
     if out.dim() == 2:
@@ -87,17 +92,21 @@ def _lut(pre: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def to_model_input(batch, pre: dict, device="cpu") -> torch.Tensor:
-    """uint8 crops (B, H, W, 3) (a tensor, or e.g. np.stack of np.asarray(crop_input(img, pre)))
-    -> the normalized model input (B, 3, H, W) float32 on `device`, bit-identical to stacking
+def to_model_input(batch, pre: dict, device="cpu", channels_last: bool = False) -> torch.Tensor:
+    """uint8 crops (B, H, W, 3) (a tensor, or e.g. np.stack of np.asarray(crop_input(img, pre))) or
+    (B, 3, H, W) (cluster.decode's batches) -> the normalized model input (B, 3, H, W) float32 on
+    `device` (channels-last memory when asked), bit-identical to stacking
     tasks.preprocess.preprocess(img, pre) (a per-channel lookup table built with the same CPU
     operations). A loader then moves 4x fewer bytes and does no float work on its CPUs."""
     b = torch.as_tensor(batch)
-    if b.dtype != torch.uint8 or b.dim() != 4 or b.shape[3] != 3:
-        raise ValueError(f"to_model_input needs uint8 (B, H, W, 3), got {b.dtype} {tuple(b.shape)}")
+    if b.dtype != torch.uint8 or b.dim() != 4 or 3 not in (b.shape[1], b.shape[3]):
+        raise ValueError(f"to_model_input needs uint8 (B, H, W, 3) or (B, 3, H, W), got {b.dtype} {tuple(b.shape)}")
+    if b.shape[1] != 3:
+        b = b.permute(0, 3, 1, 2)                 # a view: (B, 3, H, W) in channels-last memory
     b = b.to(device, non_blocking=True)
     lut = _lut(pre).to(b.device)
-    out = torch.empty((b.shape[0], 3, b.shape[1], b.shape[2]), dtype=torch.float32, device=b.device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(b.shape, dtype=torch.float32, device=b.device, memory_format=fmt)
     for c in range(3):
-        out[:, c] = lut[c][b[..., c].long()]
+        out[:, c] = lut[c][b[:, c].long()]
     return out

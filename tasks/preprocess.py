@@ -1,12 +1,11 @@
 """The model's preprocessing (FORMAT.md): shorter side -> resize, centre crop, [0, 1], normalize.
 
-`preprocessing` is the dict recorded in the manifest, so any client can reproduce an activation."""
+`preprocessing` is the dict recorded in the manifest, so any client can reproduce an activation.
+The geometric part (crop_input) needs only PIL: the dataset pass's decode processes run it without
+importing torch (torch is imported by the functions that need it)."""
 from __future__ import annotations
 
-import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -21,34 +20,62 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _resized_size(w: int, h: int, short: int) -> tuple[int, int]:
+    """torchvision's size for resize(img, int): the shorter side -> `short`, the longer scaled and
+    truncated (transforms.functional._compute_resized_output_size)."""
+    lo, hi = (w, h) if w <= h else (h, w)
+    new_lo, new_hi = short, int(short * hi / lo)
+    return (new_lo, new_hi) if w <= h else (new_hi, new_lo)
+
+
 def crop_input(img: Image.Image, pre: dict) -> Image.Image:
-    """The geometric part: RGB, resize shorter side, centre crop. Returns a crop x crop PIL image."""
+    """The geometric part: RGB, resize shorter side, centre crop. Returns a crop x crop PIL image,
+    the pixels of torchvision's TF.resize + TF.center_crop on PIL images (the same PIL calls)."""
     img = to_rgb(img)
-    interp = InterpolationMode(pre.get("interpolation", "bilinear"))
-    img = TF.resize(img, pre["resize"], interpolation=interp)
+    interp = str(pre.get("interpolation", "bilinear")).upper()
+    crop, resize = int(pre["crop"]), pre["resize"]
+    if not isinstance(resize, int) or crop > resize or interp not in Image.Resampling.__members__:
+        return _crop_torchvision(img, pre)        # padding, (h, w) sizes, exotic modes: torchvision itself
+    w, h = img.size
+    size = _resized_size(w, h, resize)
+    if size != (w, h):
+        img = img.resize(size, Image.Resampling[interp])
+    w, h = img.size
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def _crop_torchvision(img: Image.Image, pre: dict) -> Image.Image:
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    img = TF.resize(img, pre["resize"], interpolation=InterpolationMode(pre.get("interpolation", "bilinear")))
     return TF.center_crop(img, pre["crop"])
 
 
-def normalize(x: torch.Tensor, pre: dict) -> torch.Tensor:
+def normalize(x, pre: dict):
     """[0, 1] tensor (..., 3, H, W) -> model input."""
+    import torch
     mean = torch.tensor(pre["mean"], dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(pre["std"], dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
-def denormalize(x: torch.Tensor, pre: dict) -> torch.Tensor:
+def denormalize(x, pre: dict):
     """Model input -> [0, 1] (not clamped)."""
+    import torch
     mean = torch.tensor(pre["mean"], dtype=x.dtype, device=x.device).view(3, 1, 1)
     std = torch.tensor(pre["std"], dtype=x.dtype, device=x.device).view(3, 1, 1)
     return x * std + mean
 
 
-def preprocess(img: Image.Image, pre: dict) -> torch.Tensor:
+def preprocess(img: Image.Image, pre: dict):
     """PIL image -> normalized float tensor 3 x crop x crop."""
+    import torchvision.transforms.functional as TF
     return normalize(TF.to_tensor(crop_input(img, pre)), pre)
 
 
-def to_pil(x01: torch.Tensor) -> Image.Image:
+def to_pil(x01) -> Image.Image:
     """[0, 1] tensor 3 x H x W -> 8-bit RGB image."""
+    import torch
     arr = (x01.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, "RGB")

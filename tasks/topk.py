@@ -398,3 +398,117 @@ class RunningTopK:
 
     def __repr__(self) -> str:
         return f"RunningTopK(units={self.units}, k={self.k}, count={self.count})"
+
+
+# ---------------------------------------------------------------------------------- on the device
+_INT32_MAX = 2**31 - 1
+_EMPTY = 2**63 - 1            # the key of an empty slot: after every real entry
+
+
+def _device_keys(v, ranks, descending: bool):
+    """float32 (B, C) + id ranks (B,) -> int64 (C, B) keys whose ascending order is the reducer's
+    total order: the activation's order-preserving int32 bits (descending: inverted) in the high
+    half, the id's rank in the low half; -0.0 == +0.0; NaN last in both directions (as _ordered_bits)."""
+    import torch
+
+    bits = (v + 0.0).view(torch.int32).to(torch.int64)          # -0.0 + 0.0 = +0.0
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # monotone in the float value
+    if descending:
+        key = -key - 1
+    key = torch.where(torch.isnan(v), torch.full_like(key, _INT32_MAX), key)
+    return (key * 2**32 + ranks.view(-1, 1)).T
+
+
+class DeviceTopK:
+    """RunningTopK's top-k / bottom-k and statistics kept where the activations are (a GPU): per side
+    a [units, k] state merged with each batch by one torch.topk, no host work per batch, and one
+    host copy at the end (`to_host`). Every image id the reducer may see is given up front (a
+    dataset shard's): the rank of an id in sorted order breaks ties, so the order is RunningTopK's
+    (activation, then id ascending) and the result is identical to it (statistics up to float64
+    rounding). Give it the concatenated units of several layers and split them in `to_host`."""
+
+    def __init__(self, units: int, k: int, ids: list[str], device="cpu"):
+        import torch
+
+        self.units, self.k, self.count = int(units), int(k), 0
+        self.ids = sorted(str(i) for i in ids)
+        self.rank = {s: r for r, s in enumerate(self.ids)}
+        if len(self.rank) != len(self.ids):
+            raise ValueError("DeviceTopK needs distinct image ids")
+        dev = torch.device(device)
+        shape = (2, self.units, self.k)           # side 0: top, side 1: bottom
+        self.key = torch.full(shape, _EMPTY, dtype=torch.int64, device=dev)
+        self.act = torch.zeros(shape, dtype=torch.float32, device=dev)
+        self.pos = torch.zeros(shape, dtype=torch.int32, device=dev)     # y << 16 | x
+        self.sum = torch.zeros(self.units, dtype=torch.float64, device=dev)
+        self.sumsq = torch.zeros_like(self.sum)
+        self.max = torch.full_like(self.sum, -np.inf)
+        self.npos = torch.zeros(self.units, dtype=torch.int64, device=dev)
+
+    def add(self, values, ys, xs, image_ids) -> None:
+        """values (B, units) float, ys/xs (B, units) int (< 65536), tensors on the reducer's device."""
+        import torch
+
+        b = len(image_ids)
+        if tuple(values.shape) != (b, self.units):
+            raise ValueError(f"values must be (B={b}, units={self.units}), got {tuple(values.shape)}")
+        if b == 0:
+            return
+        dev = self.key.device
+        ranks = torch.tensor([self.rank[str(i)] for i in image_ids], dtype=torch.int64).to(dev)
+        v = values.to(torch.float32)
+        pos = (ys.to(torch.int32) * 65536 + xs.to(torch.int32)).T
+        for side, desc in ((0, True), (1, False)):
+            key = torch.cat([self.key[side], _device_keys(v, ranks, desc)], dim=1)
+            self.key[side], order = torch.topk(key, self.k, dim=1, largest=False, sorted=True)
+            self.act[side] = torch.cat([self.act[side], v.T], dim=1).gather(1, order)
+            self.pos[side] = torch.cat([self.pos[side], pos], dim=1).gather(1, order)
+        vd = v.double()
+        self.sum += vd.sum(0)
+        self.sumsq += (vd * vd).sum(0)
+        self.max = torch.maximum(self.max, vd.amax(0))
+        self.npos += (v > 0).sum(0)
+        self.count += b
+
+    def to_host(self, widths: list[int] | None = None) -> list[RunningTopK]:
+        """One device->host copy; RunningTopK per group of `widths` consecutive units (default: one)."""
+        import torch
+
+        parts = [self.key, self.act.view(torch.int32), self.pos, self.sum, self.sumsq, self.max, self.npos]
+        flat = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts]).cpu().numpy()
+        arrays, at = [], 0
+        for p in parts:
+            n = p.numel() * p.element_size()
+            arrays.append(flat[at:at + n].view(_NP_DTYPE[str(p.dtype)]).reshape(p.shape))
+            at += n
+        key, act_bits, pos, s, sq, mx, npos = arrays
+        widths = widths or [self.units]
+        if sum(widths) != self.units:
+            raise ValueError(f"widths add up to {sum(widths)}, not {self.units} units")
+        out, start = [], 0
+        for w in widths:
+            sl = slice(start, start + w)
+            out.append(self._host_part(key[:, sl], act_bits[:, sl].view(np.float32), pos[:, sl],
+                                       (s[sl], sq[sl], mx[sl], npos[sl])))
+            start += w
+        return out
+
+    def _host_part(self, key, act, pos, stats) -> RunningTopK:
+        n = min(self.k, self.count)
+        r = RunningTopK(key.shape[1], self.k)
+        r.count = self.count
+        ranks = (key[:, :, :n] & 0xFFFFFFFF).astype(np.int64)
+        held = np.unique(ranks)
+        r._ids = np.empty(len(held), dtype=object)
+        r._ids[:] = [self.ids[i] for i in held]
+        for side, i in ((r._top, 0), (r._bottom, 1)):
+            side.idx = np.searchsorted(held, ranks[i]).astype(np.int64)
+            side.act = np.ascontiguousarray(act[i, :, :n])
+            side.y = (pos[i, :, :n] >> 16).astype(np.int32)
+            side.x = (pos[i, :, :n] & 0xFFFF).astype(np.int32)
+        r._sum, r._sumsq, r._max = (np.array(a, np.float64) for a in stats[:3])
+        r._npos = np.array(stats[3], np.int64)
+        return r
+
+
+_NP_DTYPE = {"torch.int64": np.int64, "torch.int32": np.int32, "torch.float64": np.float64}

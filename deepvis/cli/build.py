@@ -30,6 +30,10 @@ HELP = {
     "max_attempts": "attempts before a shard is reported failed (default: 3)",
     "actor_timeout": "seconds to wait for actors to be placed and loaded; those still waiting are reported "
                      "and the build goes on without them, or stops if none is ready (default: 300)",
+    "precision": "fp32, bf16 or fp16: autocast and channels_last for both passes on a GPU (default: fp32; "
+                 "CPU actors compute in fp32)",
+    "decoder": "the dataset pass's JPEG decoder: pil, or torchvision (torchvision.io.decode_jpeg); "
+               "recorded in the manifest (default: pil)",
 }
 
 

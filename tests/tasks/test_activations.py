@@ -160,3 +160,43 @@ def test_to_cpu_false_leaves_the_maxima_where_the_model_is():
     for name in ("feat", "head"):
         for a, b in zip(on_host[name], on_dev[name]):
             assert torch.equal(a, b) and a.dtype == b.dtype
+
+
+def test_channels_first_uint8_and_channels_last_output_are_the_same_input():
+    import numpy as np
+    from deepvis.tasks.activations import to_model_input
+    pre = {"resize": 40, "crop": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    crops = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    ref = to_model_input(crops, pre)
+    got = to_model_input(crops.permute(0, 3, 1, 2), pre, channels_last=True)   # cluster.decode's batches
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, ref)
+
+
+def test_spatial_max_of_a_channels_last_map_equals_the_contiguous_one():
+    """Ties (a map of few levels) and NaN: the channels-last view gives the same values and the same
+    first-occurrence argmax as the contiguous reshape."""
+    maps = (torch.randn(4, 6, 5, 7) * 2).round() / 2
+    maps[1, 2, 3, 4] = float("nan")
+    ref = spatial_max(maps)
+    got = spatial_max(maps.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(ref, got):
+        assert torch.equal(a.nan_to_num(99), b.nan_to_num(99)) and a.dtype == b.dtype
+
+
+def test_crop_input_is_torchvisions_resize_and_center_crop():
+    """tasks.preprocess.crop_input (PIL only, for the decode processes) = TF.resize + TF.center_crop,
+    pixel for pixel: odd sizes, portrait, landscape, already at size, smaller than the crop (padding)."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    from deepvis.tasks.preprocess import crop_input
+    rng = np.random.default_rng(2)
+    for (h, w) in [(375, 500), (500, 333), (256, 256), (257, 300), (301, 256), (120, 90), (1000, 257)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for interp in ("bilinear", "bicubic", "nearest"):
+            for resize, crop in ((256, 224), (232, 224), (200, 224)):
+                pre = {"resize": resize, "crop": crop, "interpolation": interp}
+                ref = TF.center_crop(TF.resize(img, resize, interpolation=InterpolationMode(interp)), crop)
+                assert np.array_equal(np.asarray(crop_input(img, pre)), np.asarray(ref)), (h, w, interp, resize)

@@ -327,3 +327,75 @@ def test_device_path_matches_brute_force_and_host_path(device_path):
         other = RunningTopK(11, 9)
         other.add(t(values[200:]), t(ys[200:]), t(xs[200:]), ids[200:])
         assert_same(other.merge(a).result(), ref)
+
+
+# ----------------------------------------------------------------------------- DeviceTopK
+def device_feed(values, ys, xs, ids, batch, widths=None, k=9, dev="cpu", order=None):
+    import torch
+    from deepvis.tasks.topk import DeviceTopK
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
+    r = DeviceTopK(values.shape[1], k, ids, device=dev)
+    idx = list(range(len(ids))) if order is None else list(order)
+    for s in range(0, len(idx), batch):
+        sel = idx[s:s + batch]
+        r.add(t(values[sel]), t(ys[sel]), t(xs[sel]), [ids[i] for i in sel])
+    return r.to_host(widths)
+
+
+def assert_same_stats(got: dict, exp: dict) -> None:
+    assert got["count"] == exp["count"]
+    for key in ("max", "frac_positive"):
+        np.testing.assert_array_equal(got[key], exp[key])
+    for key in ("mean", "std"):
+        np.testing.assert_allclose(got[key], exp[key], rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 1000])
+def test_device_topk_is_identical_to_the_host_reducer(batch):
+    """Ties everywhere, NaN, -0.0, shuffled add order, several layers in one state: DeviceTopK gives
+    exactly what RunningTopK gives, and its states merge and round-trip like any host state."""
+    pytest.importorskip("torch")
+    values, ys, xs, ids = synthetic(n=300, c=11, seed=5, levels=3)
+    values[5, 3] = values[77, 3] = np.nan
+    values[9, :] = -0.0
+    values[10, :] = 0.0
+    order = np.random.default_rng(1).permutation(300)
+    devs = ["cpu"] + (["cuda"] if __import__("torch").cuda.is_available() else [])
+    for dev in devs:
+        parts = device_feed(values, ys, xs, ids, batch, widths=[4, 7], dev=dev, order=order)
+        for part, sl in zip(parts, (slice(0, 4), slice(4, 11))):
+            host = feed(values[:, sl], ys[:, sl], xs[:, sl], ids, batch)
+            assert_same(part.result(), host.result())
+            assert_same(part.result(), brute(values[:, sl], ys[:, sl], xs[:, sl], ids, 9))
+            assert_same_stats(part.result()["stats"], host.result()["stats"])
+            back = RunningTopK.from_state_dict(pickle.loads(pickle.dumps(part.state_dict())))
+            assert_same(back.result(), host.result())
+        # shards reduced on the device merge with host-reduced ones, as the build's merge does
+        a = device_feed(values[:120], ys[:120], xs[:120], ids[:120], batch, dev=dev)[0]
+        b = feed(values[120:], ys[120:], xs[120:], ids[120:], batch)
+        assert_same(b.merge(a).result(), brute(values, ys, xs, ids, 9))
+
+
+def test_device_topk_fewer_images_than_k_and_none():
+    pytest.importorskip("torch")
+    values, ys, xs, ids = synthetic(n=5, c=3, seed=2)
+    got = device_feed(values, ys, xs, ids, 2)[0].result()
+    assert got["top"]["image"].shape == (3, 5)
+    assert_same(got, feed(values, ys, xs, ids, 2).result())
+    empty = device_feed(values[:0], ys[:0], xs[:0], [], 4)[0]
+    assert empty.count == 0 and empty.result()["top"]["image"].shape == (3, 0)
+    from deepvis.tasks.topk import DeviceTopK
+    with pytest.raises(ValueError, match="distinct"):
+        DeviceTopK(3, 2, ["a", "a"])
+
+
+def test_device_topk_on_the_imagenet_sample(sample_pass):
+    """The two layers of the sample pass in one device state: identical to the host reducer."""
+    ids, ours, _ = sample_pass
+    layers = ["_blocks.3", "_fc"]
+    cat = [np.concatenate([ours[n][j] for n in layers], axis=1) for j in range(3)]
+    parts = device_feed(*cat, ids, 32, widths=[ours[n][0].shape[1] for n in layers])
+    for part, name in zip(parts, layers):
+        host = feed(*ours[name], ids, 32).result()
+        assert_same(part.result(), host)
+        assert_same_stats(part.result()["stats"], host["stats"])

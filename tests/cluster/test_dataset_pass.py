@@ -1,0 +1,158 @@
+"""The build's dataset pass (cluster.worker.ShardWorker._dataset) run in this process, without Ray:
+decode processes deliver uint8 batches, normalization and the top-k run on the actor's device, and the
+shard's state equals the host path's (PIL in this process, float batches, numpy RunningTopK). A decode
+process killed mid-shard gets the shard redone, with the same result."""
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from deepvis.cluster.worker import ShardWorker
+from deepvis.storage import layout
+from deepvis.storage.datasets import dataset_root, list_images, read_image
+from deepvis.storage.store import open_store
+from deepvis.tasks.topk import DeviceTopK, RunningTopK
+
+LAYERS = ["_blocks.1", "_fc"]
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_dir, tmp_path_factory) -> str:
+    """24 real images (every 33rd: grayscale and CMYK ones among the sample) and one broken file."""
+    files = sorted(p.as_posix() for p in sample_dir.glob("*/*.JPEG"))[::33][:24]
+    d = tmp_path_factory.mktemp("ds")
+    (d / "broken.jpg").write_bytes(b"not a jpeg")
+    path = d / "images.txt"
+    path.write_text("".join(f"{f}\n" for f in files) + "broken.jpg\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def worker(dataset, tmp_path_factory):
+    w = ShardWorker("efficientnet_lite0", None, open_store(str(tmp_path_factory.mktemp("atlas"))), "cpu", 1,
+                    dataset=dataset)
+    yield w
+    w._close_decoder()
+
+
+def shard_for(w, dataset, batch_size=6, sid="data/00000"):
+    from deepvis.tasks.layers import resolve_layers
+    units = [i.units for i in resolve_layers(w.lm.module, w.lm.input_size, ",".join(LAYERS))]
+    return {"type": "data", "id": sid, "hash": "h", "layers": LAYERS, "units": units, "k": 4,
+            "images": list_images(dataset), "batch_size": batch_size}
+
+
+def host_reference(w, shard, dataset) -> list[RunningTopK]:
+    """PIL in this process -> float batches -> the same model -> numpy RunningTopK (the pre-datapass path)."""
+    from deepvis.storage.datasets import BadImage
+    from deepvis.tasks.activations import batch_unit_maxima
+    from deepvis.tasks.preprocess import preprocess
+
+    root, pre = dataset_root(dataset), w.lm.preprocessing
+    reds = [RunningTopK(n, shard["k"]) for n in shard["units"]]
+    ids = shard["images"]
+    for s in range(0, len(ids), shard["batch_size"]):
+        keep, xs = [], []
+        for i in ids[s:s + shard["batch_size"]]:
+            try:
+                xs.append(preprocess(read_image(root, i), pre))
+                keep.append(i)
+            except BadImage:
+                pass
+        if not xs:
+            continue
+        x = torch.stack(xs).contiguous(memory_format=torch.channels_last if w.channels_last else torch.contiguous_format)
+        out = batch_unit_maxima(w.lm.module, LAYERS, x)
+        for red, name in zip(reds, LAYERS):
+            red.add(*out[name], keep)
+    return reds
+
+
+def stored(w, shard) -> list[dict]:
+    state = layout.unpack_state(w.store.get(layout.state_key(shard["id"])))
+    return [RunningTopK.from_state_dict(state[f"L{i}"]).result() for i in range(len(LAYERS))]
+
+
+def assert_same(results, reference):
+    for got, ref in zip(results, reference):
+        ref = ref.result()
+        for kind in ("top", "bottom"):
+            for key in ("activation", "image", "y", "x"):
+                np.testing.assert_array_equal(got[kind][key], ref[kind][key])
+        assert got["stats"]["count"] == ref["stats"]["count"]
+        np.testing.assert_array_equal(got["stats"]["max"], ref["stats"]["max"])
+        np.testing.assert_allclose(got["stats"]["mean"], ref["stats"]["mean"], rtol=1e-12)
+
+
+def test_dataset_shard_equals_the_host_path(worker, dataset):
+    shard = shard_for(worker, dataset)
+    summary = worker.run(shard)
+    assert summary["seen"] == 24 and [s["image"] for s in summary["skipped"]] == ["broken.jpg"]
+    assert len(worker.decoder.pids()) == worker.decoders
+    assert_same(stored(worker, shard), host_reference(worker, shard, dataset))
+
+
+def test_killed_decode_process_gets_the_shard_redone(worker, dataset, monkeypatch):
+    shard = shard_for(worker, dataset, batch_size=3, sid="data/00001")
+    worker.run({**shard, "id": "data/ref"})
+    reference = stored(worker, {**shard, "id": "data/ref"})
+    killed, add = [], DeviceTopK.add
+
+    def add_then_kill(self, *args):
+        if not killed:                      # mid-shard: the first batch is in, 7 are to come
+            pid = worker.decoder.pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return add(self, *args)
+
+    monkeypatch.setattr(DeviceTopK, "add", add_then_kill)
+    before = getattr(worker, "decoder_restarts", 0)
+    summary = worker.run(shard)
+    assert killed and getattr(worker, "decoder_restarts", 0) == before + 1
+    assert killed[0] not in worker.decoder.pids()
+    assert summary["seen"] == 24
+    for got, ref in zip(stored(worker, shard), reference):
+        for kind in ("top", "bottom"):
+            for key in ("activation", "image", "y", "x"):
+                np.testing.assert_array_equal(got[kind][key], ref[kind][key])
+
+
+def test_precision_and_decoder_flags(monkeypatch):
+    """--precision and --decoder: checked before any work; reduced precision needs GPU actors (on this
+    CPU bf16 was 8x slower than fp32, BENCHMARKS.md); both reach the actors' options."""
+    import ray
+
+    from deepvis.cluster.build import actor_layout
+    from deepvis.cluster.config import BuildConfig
+    from deepvis.tasks.errors import UserError
+
+    with pytest.raises(UserError, match="precision must be one of fp32, bf16, fp16"):
+        BuildConfig.from_dict({"precision": "fp64"})
+    with pytest.raises(UserError, match="decoder must be one of pil, torchvision"):
+        BuildConfig.from_dict({"decoder": "opencv"})
+    with pytest.raises(UserError, match="needs a GPU"):
+        BuildConfig.from_dict({"precision": "bf16", "device": "cpu"})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(UserError, match="needs GPU actors"):
+        actor_layout(BuildConfig(precision="fp16"))
+    assert actor_layout(BuildConfig(decoder="torchvision"))[0] == 2
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    assert actor_layout(BuildConfig(precision="bf16"))[1]["num_gpus"] == 1
+
+
+def test_torchvision_decoder_gives_the_pil_crops(dataset):
+    """On CPU torchvision.io.decode_jpeg (libjpeg-turbo) decodes the sample JPEGs to PIL's pixels."""
+    from deepvis.cluster.decode import decode_chunk
+    from deepvis.tasks.models import load_model
+    pre = load_model("efficientnet_lite0").preprocessing
+    ids = list_images(dataset)
+    a = decode_chunk(dataset_root(dataset), ids, pre, kind="pil")
+    b = decode_chunk(dataset_root(dataset), ids, pre, kind="torchvision")
+    assert a.ids == b.ids and len(a.ids) == 24 and [s["image"] for s in b.skipped] == ["broken.jpg"]
+    assert np.array_equal(a.pixels, b.pixels)
