@@ -176,6 +176,8 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     from deepvis.cluster.pool import ShardPool
     from deepvis.cluster.worker import ShardWorker
 
+    if cfg.dry_run:
+        return dry_run(cfg)      # the plan and its estimate; no Ray, nothing written
     started = time.time()
     store = open_store(cfg.out, cfg.endpoint_url)
     plan = make_plan(cfg)
@@ -251,6 +253,66 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     finally:
         if started_ray:
             ray.shutdown()
+
+
+# ---------------------------------------------------------------- dry run (`deepvis build --dry-run`)
+def dry_run(cfg: BuildConfig) -> dict:
+    """The build's plan, what it would write and a time estimate (cluster.estimate), without starting
+    Ray, creating the store or writing anything. An existing store is only listed and read, to count
+    the shards a re-run would skip."""
+    from deepvis.cluster.estimate import estimate
+
+    t0 = time.time()
+    plan = make_plan(cfg)
+    device, n_actors, local = _dry_layout(cfg)
+    make_shards(plan, gpu=device.startswith("cuda"))
+    plan_seconds = time.time() - t0
+    est = estimate(plan, device=device, actors=n_actors, local_ray=local, s3=cfg.out.startswith("s3://"),
+                   plan_seconds=plan_seconds, static_files=_static_files())
+    est.shards_done = _dry_done(cfg, plan)
+    return {"dry_run": True, "atlas": cfg.out, "model": plan.model["name"],
+            "layers": [l["name"] for l in plan.layers],
+            "units": sum(len(l["selected"]) for l in plan.layers),
+            "presets": [p["name"] for p in plan.presets], "images": len(plan.images),
+            "steps": cfg.steps, "size": cfg.size, "plan_seconds": round(time.time() - t0, 2),
+            **est.to_dict()}
+
+
+def _dry_layout(cfg: BuildConfig) -> tuple[str, int, bool]:
+    """(device, actors, starts a local Ray cluster) as actor_layout would give on this machine; for a
+    remote cluster (--address) the same guess, from --device/--actors when given."""
+    import torch
+
+    local = cfg.address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.device == "cuda" or (cfg.device != "cpu" and gpus):
+        return "cuda", cfg.actors or max(1, gpus), local
+    return "cpu", cfg.actors or max(1, os.cpu_count() or 1), local
+
+
+def _static_files() -> int:
+    try:
+        from deepvis.atlas_viewer.publish import STATIC
+    except ImportError:
+        return 0
+    return sum(1 for p in STATIC.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _dry_done(cfg: BuildConfig, plan: Plan) -> dict[str, int]:
+    """Shards an existing store already holds (what a re-run skips); {} when there is no store yet.
+    Crop shards are matched by id only: their hashes need the merged dataset pass."""
+    if "://" not in cfg.out or cfg.out.startswith("file://"):
+        path = cfg.out[len("file://"):] if cfg.out.startswith("file://") else cfg.out
+        if not os.path.isdir(os.path.expanduser(path)):
+            return {}
+    store = open_store(cfg.out, cfg.endpoint_url)   # an existing directory or bucket: not modified
+    done = _finished_records(store, plan.opt_shards + plan.data_shards)
+    present = set(store.list(layout.RECORDS + "/crop/"))
+    crops = [f"crop/{l['name']}/{sel[i]}-{sel[min(i + 64, len(sel)) - 1]}"   # as _crop_shards names them
+             for l in plan.layers if plan.data_shards for sel in [l["selected"]] for i in range(0, len(sel), 64)]
+    return {"opt": sum(1 for s in plan.opt_shards if s["id"] in done),
+            "data": sum(1 for s in plan.data_shards if s["id"] in done),
+            "crop": sum(1 for c in crops if layout.record_key(c) in present)}
 
 
 def _finished_records(store: Store, shards: list[dict]) -> dict[str, dict]:

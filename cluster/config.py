@@ -33,6 +33,7 @@ class BuildConfig:
     batch_size: int = 32                # images per forward in the dataset pass
     max_attempts: int = 3               # a shard failing this often is reported as failed
     progress: bool = True
+    dry_run: bool = False               # print the plan, counts and a time estimate; compute and write nothing
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -69,6 +70,8 @@ class BuildConfig:
                 raise UserError(f"{f.name} must be an integer, got {v!r}")
             if want.startswith("str") and not isinstance(v, str):
                 raise UserError(f"{f.name} must be a string, got {v!r}")
+            if want.startswith("bool") and not isinstance(v, bool):
+                raise UserError(f"{f.name} must be true or false, got {v!r}")
         for name in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size", "max_attempts",
                      "diversity"):
             v = getattr(self, name)
