@@ -260,15 +260,17 @@ def dry_run(cfg: BuildConfig) -> dict:
     """The build's plan, what it would write and a time estimate (cluster.estimate), without starting
     Ray, creating the store or writing anything. An existing store is only listed and read, to count
     the shards a re-run would skip."""
-    from deepvis.cluster.estimate import estimate
+    from deepvis.cluster.estimate import estimate, load_factor
 
     t0 = time.time()
     plan = make_plan(cfg)
     device, n_actors, local = _dry_layout(cfg)
     make_shards(plan, gpu=device.startswith("cuda"))
     plan_seconds = time.time() - t0
+    slowdown = 1.0 if device.startswith("cuda") else load_factor(os.getloadavg()[0], os.cpu_count() or 1, n_actors)
     est = estimate(plan, device=device, actors=n_actors, local_ray=local, s3=cfg.out.startswith("s3://"),
-                   plan_seconds=plan_seconds, static_files=_static_files())
+                   plan_seconds=plan_seconds, static_files=_static_files(), slowdown=slowdown,
+                   depths=_layer_depths(cfg, plan) if plan.data_shards else None)
     est.shards_done = _dry_done(cfg, plan)
     return {"dry_run": True, "atlas": cfg.out, "model": plan.model["name"],
             "layers": [l["name"] for l in plan.layers],
@@ -288,6 +290,16 @@ def _dry_layout(cfg: BuildConfig) -> tuple[str, int, bool]:
     if cfg.device == "cuda" or (cfg.device != "cpu" and gpus):
         return "cuda", cfg.actors or max(1, gpus), local
     return "cpu", cfg.actors or max(1, os.cpu_count() or 1), local
+
+
+def _layer_depths(cfg: BuildConfig, plan: Plan) -> dict[str, float]:
+    """A layer's depth in the model, 0..1 (its module's place among all modules): the share of a
+    forward pass (and of a receptive-field sweep) it takes to reach it."""
+    from deepvis.tasks.models import load_model
+
+    names = [n for n, _ in load_model(cfg.model, cfg.weights).module.named_modules()]
+    pos = {n: i for i, n in enumerate(names)}
+    return {l["name"]: (pos.get(l["name"], len(names) - 1) + 1) / len(names) for l in plan.layers}
 
 
 def _static_files() -> int:

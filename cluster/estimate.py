@@ -27,12 +27,14 @@ class DeviceCosts:
     opt_image: float              # per optimized image: quality measures, display image, PNG encode
     opt_shard: float              # per optimization shard: setup, completion record
     image_forward: float          # one dataset image: decode + forward through every hooked layer + top-k
-    crop_layer: float             # receptive-field map of a layer, once per layer and actor
+    crop_sweep: float             # receptive-field sweep through the whole network (a layer's map costs
+                                  # its depth fraction of it, once per actor; shallower layers come free)
     crop: float                   # one crop JPEG: crop + encode (its image decoded once per shard)
     crop_decode: float            # decoding one dataset image for crops
     tile: float                   # viewer publish: decode + paste one unit image into a sprite sheet
     write_local: float            # one object put to a local directory
     write_s3: float               # one object put to S3 (small object, one PUT)
+    topk_row: float               # driver: one top-k row (merge, crop boxes, topk.parquet, viewer JSON)
     tail: float                   # fixed end of a build: indexes, manifest, viewer copy, Ray shutdown
     png_bytes_at_ref: int         # an optimized image's PNG at REF_PX (bytes scale by pixels)
     crop_bytes: int               # a crop JPEG, mean
@@ -48,18 +50,20 @@ class DeviceCosts:
 COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         name="cpu (x86_64, 1 torch thread per actor)",
-        source="bench/dryrun.py --calibrate, 2-core AMD EPYC, 2026-12-03",
-        ray_start=2.2, actor_start=3.0, opt_unit_step=0.0045, opt_modern_factor=1.5,
-        opt_image=0.012, opt_shard=0.05, image_forward=0.075, crop_layer=0.3, crop=0.0015,
-        crop_decode=0.006, tile=0.0006, write_local=0.0004, write_s3=0.004, tail=2.0,
-        png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
+        source="bench/dryrun.py --calibrate on a 2-core AMD EPYC, 2026-12-03, measured under load ~16 "
+               "and divided by its load_factor (8): idle-machine figures",
+        ray_start=3.0, actor_start=1.6, opt_unit_step=0.0057, opt_modern_factor=1.5,
+        opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=65.0, crop=0.00056,
+        crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        tail=2.0, png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
     "cuda": DeviceCosts(
-        name="cuda (NVIDIA H200, derived from BENCHMARKS.md, not calibrated)",
-        source="BENCHMARKS.md: Optimization on NVIDIA H200; Dataset pass cuda H200 (2026-11-27)",
-        ray_start=2.2, actor_start=8.0, opt_unit_step=0.000055, opt_modern_factor=1.5,
-        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_layer=0.3, crop=0.0015,
-        crop_decode=0.006, tile=0.0006, write_local=0.0004, write_s3=0.004, tail=2.0,
-        png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
+        name="cuda (NVIDIA H200; derived from BENCHMARKS.md, not calibrated)",
+        source="BENCHMARKS.md: Optimization on NVIDIA H200 (227 units/s, 128 px, 20 steps), Dataset pass "
+               "cuda H200 (1,182 images/s), tasks.receptive (sweep ~1 s); crops/writes: the CPU's",
+        ray_start=3.0, actor_start=8.0, opt_unit_step=0.000055, opt_modern_factor=1.5,
+        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=1.0, crop=0.00056,
+        crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        tail=2.0, png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
 }
 
 
@@ -88,6 +92,7 @@ class Estimate:
     bytes: dict[str, int]
     seconds: dict[str, float]     # per phase, wall clock; "total" included
     shards: dict[str, int]
+    slowdown: float = 1.0         # load_factor() the CPU costs were multiplied by
     shards_done: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -185,9 +190,8 @@ def _opt_shard_seconds(plan, s: dict, c: DeviceCosts, write: float) -> float:
     return t
 
 
-def _crop_seconds(plan, c: DeviceCosts, write: float) -> list[float]:
-    """One cost per crop shard, in the planned order; the first shard of a layer on an actor also
-    computes the layer's receptive-field map (charged to the layer's first shard)."""
+def _crop_items(plan, c: DeviceCosts, write: float, depths: dict[str, float]) -> list[tuple[float, float]]:
+    """(depth, seconds without the receptive-field sweep) per crop shard, in the planned order."""
     per_unit = crops_per_unit(plan.cfg.k, len(plan.images))
     out = []
     for l in plan.layers:
@@ -195,32 +199,63 @@ def _crop_seconds(plan, c: DeviceCosts, write: float) -> list[float]:
         for i in range(0, n, CROP_UNITS):
             entries = min(CROP_UNITS, n - i) * per_unit
             decodes = min(entries, len(plan.images))     # an image is decoded once per shard
-            out.append((c.crop_layer if i == 0 else 0.0) + decodes * c.crop_decode
-                       + entries * (c.crop + write) + write)
+            cost = decodes * c.crop_decode + entries * (c.crop + write) + write
+            if len(l["shape"]) == 1:         # an N x C layer: one reverse pass, no sweep
+                out.append((0.0, cost + (0.01 * c.crop_sweep if i == 0 else 0.0)))
+            else:
+                out.append((depths.get(l["name"], 1.0), cost))
     return out
 
 
+def schedule_crops(items: list[tuple[float, float]], n: int, sweep: float) -> float:
+    """Like schedule(), but an actor first sweeps to a shard's layer unless it already swept as deep
+    (tasks.receptive caches every default layer up to the deepest swept, per actor)."""
+    if not items:
+        return 0.0
+    free = [(0.0, i, 0.0) for i in range(max(1, min(n, len(items))))]   # (time, actor, depth swept)
+    heapq.heapify(free)
+    for depth, cost in items:
+        t, a, deepest = heapq.heappop(free)
+        if depth > deepest:
+            cost, deepest = cost + sweep * depth, depth
+        heapq.heappush(free, (t + cost, a, deepest))
+    return max(t for t, _, _ in free)
+
+
+def load_factor(load: float, cpus: int, actors: int) -> float:
+    """How much slower CPU work runs on a shared machine: our actors share the cores with the
+    load already there (1-minute load average); 1 on an idle machine with an actor per core."""
+    return max(1.0, (load + actors) / max(1, cpus))
+
+
 def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_seconds: float,
-             static_files: int, costs: dict[str, DeviceCosts] | None = None) -> Estimate:
-    """Objects, bytes and seconds per phase of building `plan` (shards made) on `actors` actors."""
+             static_files: int, depths: dict[str, float] | None = None, slowdown: float = 1.0,
+             costs: dict[str, DeviceCosts] | None = None) -> Estimate:
+    """Objects, bytes and seconds per phase of building `plan` (shards made) on `actors` actors.
+    depths: a layer's depth in the model, 0..1 (receptive-field sweeps); slowdown: load_factor()
+    for CPU builds (the measured plan_seconds already include it)."""
     table = costs or COSTS
     c = table["cuda" if str(device).startswith("cuda") else "cpu"]
     write = c.write_s3 if s3 else c.write_local
     n_crop = crop_shard_count(plan)
     o = count_objects(plan, n_crop, static_files)
     opt = [_opt_shard_seconds(plan, s, c, write) for s in plan.opt_shards]
-    data = [len(s["images"]) * c.image_forward + 2 * write for s in plan.data_shards]
-    crops = _crop_seconds(plan, c, write) if plan.data_shards else []
+    # the dataset forward stops after the deepest selected layer: its depth's share of a full forward
+    deepest = max((depths or {}).values(), default=1.0) if depths else 1.0
+    data = [len(s["images"]) * c.image_forward * deepest + 2 * write for s in plan.data_shards]
+    crops = _crop_items(plan, c, write, depths or {}) if plan.data_shards else []
     tiles = sum(len(l["selected"]) for l in plan.layers) * (len(plan.presets) + (1 if plan.data_shards else 0))
     busy = opt + data
     sec = {
-        "startup": (c.ray_start if local_ray else 0.0) + plan_seconds + (c.actor_start if busy or crops else 0.0),
+        "startup": (c.ray_start if local_ray else 0.0) + (c.actor_start if busy or crops else 0.0),
         "optimize_and_dataset": schedule(busy, actors),
-        "crops": schedule(crops, actors),
-        "index_and_viewer": c.tail + tiles * c.tile + (o.index + o.manifest + o.viewer) * write,
+        "crops": schedule_crops(crops, actors, c.crop_sweep),
+        "index_and_viewer": c.tail + tiles * c.tile + (o.index + o.manifest + o.viewer) * write
+        + o.crop_jpg * c.topk_row,
     }
-    sec = {k: round(v, 2) for k, v in sec.items()}
+    sec = {k: round(v * slowdown, 2) for k, v in sec.items()}
+    sec["startup"] = round(sec["startup"] + plan_seconds, 2)
     sec["total"] = round(sum(sec.values()), 2)
     return Estimate(device=str(device), actors=actors, costs=c.name, source=c.source, objects=o,
-                    bytes=count_bytes(plan, o, c), seconds=sec,
+                    bytes=count_bytes(plan, o, c), seconds=sec, slowdown=round(slowdown, 2),
                     shards={"opt": len(plan.opt_shards), "data": len(plan.data_shards), "crop": n_crop})

@@ -96,7 +96,8 @@ def print_dry_run(d: dict, out=sys.stdout) -> None:
     say(f"  objects: {sum(o.values()):,}, {_mib(sum(b.values()))} estimated")
     for kind in o:
         say(f"    {kind:9s} {o[kind]:>10,}  {_mib(b.get(kind, 0)):>12}")
-    say(f"  time estimate ({d['costs']}):")
+    load = f", machine load: CPU work x{d['slowdown']:g}" if d.get("slowdown", 1) > 1 else ""
+    say(f"  time estimate ({d['costs']}{load}):")
     for phase, s in sec.items():
         say(f"    {phase:21s} {s:>10,.1f} s")
     if done:
