@@ -297,7 +297,8 @@ def _layer_depths(cfg: BuildConfig, plan: Plan) -> dict[str, float]:
     forward pass (and of a receptive-field sweep) it takes to reach it."""
     from deepvis.tasks.models import load_model
 
-    names = [n for n, _ in load_model(cfg.model, cfg.weights).module.named_modules()]
+    # the structure only: random init ("none") skips reading the checkpoint a second time
+    names = [n for n, _ in load_model(cfg.model, "none").module.named_modules()]
     pos = {n: i for i, n in enumerate(names)}
     return {l["name"]: (pos.get(l["name"], len(names) - 1) + 1) / len(names) for l in plan.layers}
 
