@@ -95,6 +95,17 @@ def measure(name: str, args: list[str], tmp: Path, full: bool = False) -> dict:
             "ratio": d["seconds"]["total"] / wall, "load": (l0, load())}
 
 
+def gpu_figures() -> str:
+    """The cuda row of the cost table, labelled: derived from the H200 sections, not measured here."""
+    from deepvis.cluster.estimate import COSTS
+    c = COSTS["cuda"]
+    return (f"GPU (cuda) costs used by the dry run — **derived, not measured by this benchmark** ({c.source}): "
+            f"{c.opt_unit_step * 1e3:.3f} ms per unit-step at 64 px (× pixels: "
+            f"{c.opt_unit_step * 1e3 * (224 / 64) ** 2:.2f} ms at 224 px), {c.image_forward * 1e3:.2f} ms per "
+            f"dataset image, {c.crop_sweep:g} s per full receptive-field sweep, actor start {c.actor_start:g} s "
+            f"(a guess: CUDA init + model load).")
+
+
 def section(rows: list[dict], cmd: str) -> str:
     import torch
     lines = [SECTION, "",
@@ -114,7 +125,7 @@ def section(rows: list[dict], cmd: str) -> str:
                      f"{r['estimate']:.1f} | {m} | {q} | {r['load'][0]:.1f} → {r['load'][1]:.1f} |")
     lines += ["", "Estimated phases (s): " + "; ".join(
         f"{r['name']}: " + ", ".join(f"{k} {v:g}" for k, v in r["phases"].items()) for r in rows), "",
-        NOTES]
+        NOTES, "", gpu_figures()]
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,9 @@ class DeviceCosts:
 
 # The table. CPU: measured on this project's 2-core machine (bench/dryrun.py --calibrate, one
 # torch thread per actor as cluster.build.actor_layout gives a CPU actor). cuda: derived from
-# BENCHMARKS.md's H200 runs (optimization: 227 units/s at 128 px, 20 steps, batch 32; dataset
-# pass: 1,182 images/s full pass) — not a dry-run calibration; crops and writes are host-side
+# BENCHMARKS.md's H200 runs (optimization: 111 units/s at 224 px, 20 steps, batch 32, i.e. 0.45 ms
+# per unit-step at 224 px = 0.037 ms at REF_PX; dataset pass: 1,182 images/s full pass) — not a
+# dry-run calibration; crops and writes are host-side
 # work, taken as the CPU's per core.
 COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
@@ -58,9 +59,10 @@ COSTS: dict[str, DeviceCosts] = {
         tail=2.0, png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
     "cuda": DeviceCosts(
         name="cuda (NVIDIA H200; derived from BENCHMARKS.md, not calibrated)",
-        source="BENCHMARKS.md: Optimization on NVIDIA H200 (227 units/s, 128 px, 20 steps), Dataset pass "
-               "cuda H200 (1,182 images/s), tasks.receptive (sweep ~1 s); crops/writes: the CPU's",
-        ray_start=3.0, actor_start=8.0, opt_unit_step=0.000055, opt_modern_factor=1.5,
+        source="BENCHMARKS.md: Optimization on NVIDIA H200 (111 units/s at 224 px, 20 steps, batch 32 = "
+               "0.45 ms per unit-step), Dataset pass cuda H200 (1,182 images/s), tasks.receptive (sweep "
+               "~1 s); crops and writes: the CPU's per core",
+        ray_start=3.0, actor_start=8.0, opt_unit_step=0.000037, opt_modern_factor=1.5,
         opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=1.0, crop=0.00056,
         crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
         tail=2.0, png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
