@@ -37,7 +37,7 @@ class DeviceCosts:
     topk_row: float               # driver: one top-k row (merge, crop boxes, topk.parquet, viewer JSON)
     tail: float                   # fixed end of a build: indexes, manifest, viewer copy, Ray shutdown
     png_bytes_at_ref: int         # an optimized image's PNG at REF_PX (bytes scale by pixels)
-    crop_bytes: int               # a crop JPEG, mean
+    crop_bytes: int               # a whole-input crop JPEG (deep layers; shallower ones scale down)
     record_row_bytes: int         # opt completion record: one unit-preset row, without its history
     tile_bytes: int               # sprite sheet bytes per tile
 
@@ -56,7 +56,7 @@ COSTS: dict[str, DeviceCosts] = {
         ray_start=3.0, actor_start=1.6, opt_unit_step=0.0057, opt_modern_factor=1.5,
         opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=65.0, crop=0.00056,
         crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
-        tail=2.0, png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
+        tail=2.0, png_bytes_at_ref=9000, crop_bytes=15000, record_row_bytes=1000, tile_bytes=3500),
     "cuda": DeviceCosts(
         name="cuda (NVIDIA H200; derived from BENCHMARKS.md, not calibrated)",
         source="BENCHMARKS.md: Optimization on NVIDIA H200 (111 units/s at 224 px, 20 steps, batch 32 = "
@@ -65,7 +65,7 @@ COSTS: dict[str, DeviceCosts] = {
         ray_start=3.0, actor_start=8.0, opt_unit_step=0.000037, opt_modern_factor=1.5,
         opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=1.0, crop=0.00056,
         crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
-        tail=2.0, png_bytes_at_ref=9000, crop_bytes=4500, record_row_bytes=400, tile_bytes=3500),
+        tail=2.0, png_bytes_at_ref=9000, crop_bytes=15000, record_row_bytes=1000, tile_bytes=3500),
 }
 
 
@@ -161,23 +161,32 @@ def opt_size(plan) -> int:
     return int(plan.cfg.size or plan.model["preprocessing"]["crop"])
 
 
-def count_bytes(plan, o: Objects, c: DeviceCosts) -> dict[str, int]:
-    """Rough sizes by kind (means measured on real builds; PNGs scale with pixels)."""
+def _crop_bytes(plan, c: DeviceCosts, depths: dict[str, float]) -> int:
+    """A crop is the unit's receptive field: its side grows about linearly with depth, so its
+    JPEG's size with depth squared (c.crop_bytes: a whole-input crop), plus the JPEG header."""
+    per_unit = crops_per_unit(plan.cfg.k, len(plan.images))
+    return int(sum(len(l["selected"]) * per_unit
+                   * (600 + c.crop_bytes * min(1.0, 1.5 * depths.get(l["name"], 1.0)) ** 2)
+                   for l in plan.layers))
+
+
+def count_bytes(plan, o: Objects, c: DeviceCosts, depths: dict[str, float] | None = None) -> dict[str, int]:
+    """Rough sizes by kind, fitted to real builds (PNGs scale with pixels, crops with depth)."""
     px = (opt_size(plan) / REF_PX) ** 2
     k, units = plan.cfg.k, sum(len(l["selected"]) for l in plan.layers)
     rows = sum(len(s["units"]) * len(plan.presets) for s in plan.opt_shards)
     hist = sum(len(s["units"]) * (_steps(p, plan.cfg.steps) // HISTORY_EVERY + 2)
                for s in plan.opt_shards for p in plan.presets)
-    unit_k = units * 2 * k
+    full_k = sum(l["units"] for l in plan.layers) * 2 * k   # a state holds every unit of its layers
     tiles = units * (len(plan.presets) + (1 if plan.data_shards else 0))
     return {
         "opt_png": int(o.opt_png * c.png_bytes_at_ref * px),
-        "crop_jpg": o.crop_jpg * c.crop_bytes,
-        "records": rows * c.record_row_bytes + hist * HISTORY_POINT_BYTES + o.records * 200
-        + (o.crop_jpg * 150),                                 # crop records list every entry
-        "states": o.states * (unit_k * 24 + units * 48),
-        "index": units * 60 + (unit_k * 14 if plan.data_shards else 0),
-        "manifest": 2000 + units * 6,
+        "crop_jpg": _crop_bytes(plan, c, depths or {}) if o.crop_jpg else 0,
+        "records": rows * c.record_row_bytes + hist * HISTORY_POINT_BYTES + o.records * 1500
+        + o.crop_jpg * 350,                                  # crop records list every entry
+        "states": o.states * (full_k * 26 + 2000),
+        "index": o.index * 5000 + units * 60 + (units * 2 * k * 14 if plan.data_shards else 0),
+        "manifest": 2000 + (16_000 if plan.labels else 0) + units * 6,   # + the class names
         "viewer": 60_000 + tiles * c.tile_bytes + units * (60 + (2 * k * 40 if plan.data_shards else 0)),
     }
 
@@ -259,5 +268,5 @@ def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_
     sec["startup"] = round(sec["startup"] + plan_seconds, 2)
     sec["total"] = round(sum(sec.values()), 2)
     return Estimate(device=str(device), actors=actors, costs=c.name, source=c.source, objects=o,
-                    bytes=count_bytes(plan, o, c), seconds=sec, slowdown=round(slowdown, 2),
+                    bytes=count_bytes(plan, o, c, depths), seconds=sec, slowdown=round(slowdown, 2),
                     shards={"opt": len(plan.opt_shards), "data": len(plan.data_shards), "crop": n_crop})

@@ -88,6 +88,8 @@ def test_predicted_objects_equal_a_tiny_builds(ray_cluster, sample_dir, tmp_path
     assert summary["status"] == "complete" and summary["images_seen"] == 10
     assert dict(kinds(out)) == {k: v for k, v in fresh["objects"].items() if v}
     assert fresh["objects"]["crop_jpg"] == 3 * 2 * 9 and fresh["shards"] == {"opt": 1, "data": 3, "crop": 1}
+    stored = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert 0.5 < sum(fresh["bytes"].values()) / stored < 2      # bytes are estimates: within 2x
 
     before = snapshot(out)      # a dry run on the built store: listed and read, never modified
     monkeypatch.setattr(build_mod, "connect", lambda *a: (_ for _ in ()).throw(AssertionError("Ray")))
