@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -103,4 +102,3 @@ def test_schedule_is_list_scheduling():
     assert schedule([3.0], 4) == 3.0                       # one shard: one actor works
     assert schedule([1.0] * 4, 2) == 2.0
     assert schedule([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 4.0   # in order: 4 on one actor, the rest on the other
-    assert os.cpu_count()                                   # the default actor count comes from it
