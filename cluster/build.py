@@ -272,6 +272,8 @@ def run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     # the driver handles SIGTERM itself (the manifest says 'interrupted'); Ray's C++ failure-signal
     # handler would print a stack dump and abort the driver on the way out. Read when ray is first
     # imported; a local cluster's workers inherit it (a crashing worker logs no C++ stack dump).
+    if cfg.dry_run:
+        return dry_run(cfg)      # the plan and its estimate; no lease, no Ray, nothing written
     os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     with build_guard(open_store(cfg.out, cfg.endpoint_url), cfg.force, log):
         return _run_build(cfg, on_actor, log)
@@ -390,6 +392,76 @@ def _finish(b: _Build, merged: dict | None, crop_done: dict) -> dict:
     with b.phases("viewer"):
         _publish_viewer(store)
     return summarize()                # again, now with the viewer's seconds
+
+
+def dry_run(cfg: BuildConfig) -> dict:
+    """The build's plan, what it would write and a time estimate (cluster.estimate), without starting
+    Ray, creating the store or writing anything. An existing store is only listed and read, to count
+    the shards a re-run would skip."""
+    from deepvis.cluster.estimate import estimate, load_factor
+
+    t0 = time.time()
+    plan = make_plan(cfg)
+    device, n_actors, local = _dry_layout(cfg)
+    make_shards(plan, gpu=device.startswith("cuda"))
+    plan_seconds = time.time() - t0
+    slowdown = 1.0 if device.startswith("cuda") else load_factor(os.getloadavg()[0], os.cpu_count() or 1, n_actors)
+    est = estimate(plan, device=device, actors=n_actors, local_ray=local, s3=cfg.out.startswith("s3://"),
+                   plan_seconds=plan_seconds, static_files=_static_files(), slowdown=slowdown,
+                   depths=_layer_depths(cfg, plan) if plan.data_shards else None)
+    est.shards_done = _dry_done(cfg, plan)
+    return {"dry_run": True, "atlas": cfg.out, "model": plan.model["name"],
+            "layers": [l["name"] for l in plan.layers],
+            "units": sum(len(l["selected"]) for l in plan.layers),
+            "presets": [p["name"] for p in plan.presets], "images": len(plan.images),
+            "steps": cfg.steps, "size": cfg.size, "plan_seconds": round(time.time() - t0, 2),
+            **est.to_dict()}
+
+
+def _dry_layout(cfg: BuildConfig) -> tuple[str, int, bool]:
+    """(device, actors, starts a local Ray cluster) as actor_layout would give on this machine; for a
+    remote cluster (--address) the same guess, from --device/--actors when given."""
+    import torch
+
+    local = cfg.address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.device == "cuda" or (cfg.device != "cpu" and gpus):
+        return "cuda", cfg.actors or max(1, gpus), local
+    return "cpu", cfg.actors or max(1, os.cpu_count() or 1), local
+
+
+def _layer_depths(cfg: BuildConfig, plan: Plan) -> dict[str, float]:
+    """A layer's depth in the model, 0..1 (its module's place among all modules): the share of a
+    forward pass (and of a receptive-field sweep) it takes to reach it."""
+    from deepvis.tasks.models import load_model
+
+    # the structure only: random init ("none") skips reading the checkpoint a second time
+    names = [n for n, _ in load_model(cfg.model, "none").module.named_modules()]
+    pos = {n: i for i, n in enumerate(names)}
+    return {l["name"]: (pos.get(l["name"], len(names) - 1) + 1) / len(names) for l in plan.layers}
+
+
+def _static_files() -> int:
+    try:
+        from deepvis.atlas_viewer.publish import STATIC
+    except ImportError:
+        return 0
+    return sum(1 for p in STATIC.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _dry_done(cfg: BuildConfig, plan: Plan) -> dict[str, int]:
+    """Shards an existing store already holds (what a re-run skips); {} when there is no store yet.
+    Crop tasks are counted by their records: their ids and hashes need the merged dataset pass."""
+    if "://" not in cfg.out or cfg.out.startswith("file://"):
+        path = cfg.out[len("file://"):] if cfg.out.startswith("file://") else cfg.out
+        if not os.path.isdir(os.path.expanduser(path)):
+            return {}
+    store = open_store(cfg.out, cfg.endpoint_url)   # an existing directory or bucket: not modified
+    done = _finished_records(store, plan.opt_shards + plan.data_shards)
+    crops = len(store.list(layout.RECORDS + "/crops/"))   # crop tasks: ids known only after the merge
+    return {"opt": sum(1 for s in plan.opt_shards if s["id"] in done),
+            "data": sum(1 for s in plan.data_shards if s["id"] in done),
+            "crop": crops}
 
 
 def _finished_records(store: Store, shards: list[dict]) -> dict[str, dict]:

@@ -39,6 +39,7 @@ class BuildConfig:
     actor_timeout: int = 300            # seconds before unplaced actors are reported (none placed: error)
     progress: bool = True
     force: bool = False                 # take over another build's lease (see cluster/lease.py)
+    dry_run: bool = False               # print the plan, counts and a time estimate; compute and write nothing
 
     @classmethod
     def keys(cls) -> list[str]:

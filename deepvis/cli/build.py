@@ -45,7 +45,7 @@ def add_parser(sub):
                                    "resumes: finished shards are skipped.")
     p.add_argument("--config", help="TOML file with the same keys as these flags (flags win); unknown keys are rejected")
     for key in BuildConfig.keys():
-        if key in ("progress", "force"):
+        if key in ("progress", "force", "dry_run"):
             continue
         typ = int if key in ("steps", "size", "k", "actors", "shard_units", "shard_images", "batch_size",
                              "max_attempts", "diversity", "actor_timeout") else str
@@ -57,6 +57,10 @@ def add_parser(sub):
                         "its lease every 30 s and one silent for over 2 minutes is dead (`deepvis status` "
                         "says which); a live one is taken over too, with a warning, and then both write "
                         "the atlas: stop it first")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", default=None,
+                   help="print the plan (layers, units, shards, objects, bytes) and a time estimate for "
+                        "this machine's device; compute nothing, start no Ray, write nothing")
+    p.add_argument("--json", action="store_true", help="print the summary (or the dry-run plan) as JSON")
     return p
 
 
@@ -84,9 +88,45 @@ def print_summary(s: dict, out=sys.stdout) -> None:
         print(f"  look: deepvis status {s['atlas']}", file=out)
 
 
+def _names(names: list[str], n: int = 3) -> str:
+    return ", ".join(names) if len(names) <= 2 * n else ", ".join(names[:n] + ["..."] + names[-n:])
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def print_dry_run(d: dict, out=sys.stdout) -> None:
+    o, b, sec, sh = d["objects"], d["bytes"], d["seconds"], d["shards"]
+    done = d.get("shards_done") or {}
+    say = lambda *a: print(*a, file=out)  # noqa: E731
+    say(f"dry run: nothing computed, nothing written ({d['atlas']})")
+    say(f"  model: {d['model']}   device: {d['device']} x {d['actors']} actor(s)")
+    say(f"  layers: {len(d['layers'])} ({_names(d['layers'])})")
+    say(f"  units: {d['units']:,}   presets: {', '.join(d['presets']) or 'none'}   images: {d['images']:,}")
+    say("  shards: " + ", ".join(f"{k} {v:,}" + (f" ({done[k]:,} done)" if done.get(k) else "")
+                                 for k, v in sh.items()))
+    say(f"  objects: {sum(o.values()):,}, {_mib(sum(b.values()))} estimated")
+    for kind in o:
+        say(f"    {kind:9s} {o[kind]:>10,}  {_mib(b.get(kind, 0)):>12}")
+    load = f", machine load: CPU work x{d['slowdown']:g}" if d.get("slowdown", 1) > 1 else ""
+    say(f"  time estimate ({d['costs']}{load}):")
+    for phase, s in sec.items():
+        say(f"    {phase:21s} {s:>10,.1f} s")
+    if done:
+        say("  (an existing store: a re-run skips the finished shards; the estimate is for a fresh build)")
+
+
 def run(args) -> int:
+    import json
+
     from deepvis.cluster.build import run_build
 
     summary = run_build(config_from_args(args))
-    print_summary(summary)
-    return 0 if summary["status"] == "complete" else 1
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=1, default=str))
+    elif summary.get("dry_run"):
+        print_dry_run(summary)
+    else:
+        print_summary(summary)
+    return 0 if summary.get("dry_run") or summary["status"] == "complete" else 1

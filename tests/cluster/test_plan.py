@@ -1,0 +1,106 @@
+"""`deepvis build --dry-run`: the plan and its counts, checked against what a real build writes."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from deepvis.cli import main
+from deepvis.cluster import build as build_mod
+from deepvis.cluster.build import dry_run, run_build
+from deepvis.cluster.config import BuildConfig
+from deepvis.cluster.estimate import schedule
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A dry run that tried to start or join Ray would fail here."""
+    def refuse(*a, **kw):
+        raise AssertionError("dry run started Ray")
+    monkeypatch.setattr(build_mod, "connect", refuse)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    rc = main(["build", *argv])
+    return rc, capsys.readouterr().out
+
+
+def test_full_default_layers_plan_writes_nothing(no_ray, capsys, tmp_path):
+    out = tmp_path / "atlas"
+    rc, text = run_cli(capsys, "--dry-run", "--json", "--presets", "none", "--out", str(out))
+    d = json.loads(text)
+    assert rc == 0 and d["dry_run"] is True
+    assert len(d["layers"]) == 66 and d["units"] == 23816
+    assert d["shards"] == {"opt": 0, "data": 0, "crop": 0}
+    assert d["seconds"]["total"] > 0
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    rc, text = run_cli(capsys, "--dry-run", "--presets", "none", "--out", str(out))
+    assert rc == 0 and "units: 23,816" in text and "layers: 66" in text and not out.exists()
+
+
+def test_dry_run_key_from_config_file(no_ray, capsys, tmp_path):
+    cfg = tmp_path / "build.toml"
+    cfg.write_text(f'layers = "_fc"\nunits = "0:5"\ndry_run = true\nout = "{tmp_path / "a"}"\n')
+    rc, text = run_cli(capsys, "--config", str(cfg), "--json")
+    d = json.loads(text)
+    assert rc == 0 and d["units"] == 5 and d["objects"]["opt_png"] == 5 and not (tmp_path / "a").exists()
+    cfg.write_text('dry_run = "yes"\n')
+    assert main(["build", "--config", str(cfg)]) == 2
+    assert "dry_run must be true or false" in capsys.readouterr().err
+
+
+def kinds(root: Path) -> Counter:
+    """The objects of a built store by kind, by their keys alone (independent of cluster.estimate)."""
+    c: Counter = Counter()
+    for p in root.rglob("*"):
+        if not p.is_file():
+            continue
+        key = p.relative_to(root).as_posix()
+        kind = ("opt_png" if key.startswith("units/") and key.endswith(".png") else
+                "crop_jpg" if key.startswith("crops/") and key.endswith(".jpg") else
+                "records" if key.startswith("_build/done/") else
+                "states" if key.startswith("_build/state/") or key == "_build/receptive.npz" else
+                "index" if key.startswith("index/") else
+                "manifest" if key == "manifest.json" else
+                "viewer" if key.startswith("viewer/") else key)
+        c[kind] += 1
+    return c
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+def test_predicted_objects_equal_a_tiny_builds(ray_cluster, sample_dir, tmp_path, monkeypatch):
+    files = sorted(sample_dir.glob("*/*.JPEG"))[::80][:10]
+    ds = tmp_path / "images.txt"
+    ds.write_text("".join(f"{f}\n" for f in files))
+    cfg = dict(layers="_blocks.1", units="0:3", presets="yosinski-3", steps=2, size=32, dataset=str(ds),
+               shard_images=4, batch_size=4, progress=False, actors=2)
+    out = tmp_path / "atlas"
+    fresh = dry_run(BuildConfig(**cfg, out=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
+    summary = run_build(BuildConfig(**cfg, out=str(out)))
+    assert summary["status"] == "complete" and summary["images_seen"] == 10
+    built, predicted = dict(kinds(out)), {k: v for k, v in fresh["objects"].items() if v}
+    # distinct crops are stored once: the prediction is their upper bound, one per top/bottom entry
+    assert 0 < built.pop("crop_jpg") <= predicted.pop("crop_jpg") == 3 * 2 * 9
+    assert built == predicted and fresh["shards"] == {"opt": 1, "data": 3, "crop": 1}
+    stored = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert 0.5 < sum(fresh["bytes"].values()) / stored < 2      # bytes are estimates: within 2x
+
+    before = snapshot(out)      # a dry run on the built store: listed and read, never modified
+    monkeypatch.setattr(build_mod, "connect", lambda *a: (_ for _ in ()).throw(AssertionError("Ray")))
+    again = dry_run(BuildConfig(**cfg, out=str(out)))
+    assert snapshot(out) == before
+    assert again["shards_done"] == again["shards"] == fresh["shards"]
+
+
+def test_schedule_is_list_scheduling():
+    assert schedule([], 4) == 0
+    assert schedule([3.0], 4) == 3.0                       # one shard: one actor works
+    assert schedule([1.0] * 4, 2) == 2.0
+    assert schedule([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 4.0   # in order: 4 on one actor, the rest on the other
