@@ -79,7 +79,7 @@ def layout_table(root: Path) -> dict:
 def unit_page_requests(root: Path, layer: str, unit: int) -> int:
     """Image requests of one unit page of the atlas at root (deepvis serve + headless Chromium)."""
     from deepvis.storage.store import LocalStore
-    from tests.atlas_viewer.conftest import launch_chromium, serve
+    from devtools.viewer import launch_chromium, serve
     from playwright.sync_api import sync_playwright
 
     srv = serve(LocalStore(root))
@@ -122,7 +122,7 @@ class NoS3:
 
 def s3_server(tmp: Path):
     """A started SeaweedFS server (tests/s3server.py); its credentials go in this process's env."""
-    from tests.s3server import SeaweedServer
+    from devtools.s3server import SeaweedServer
     server = SeaweedServer(tmp / "s3data", bucket="bench")
     server.start()
     os.environ.update(server.env())
