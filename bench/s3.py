@@ -104,7 +104,7 @@ def run(args) -> list[dict]:
 def run_concurrent(args) -> list[dict]:
     """One process, one S3Store, Store.writer(max_inflight=N) for each N: objects/s."""
     from deepvis.storage.s3 import S3Store
-    from tests.s3server import SeaweedServer
+    from devtools.s3server import SeaweedServer
 
     rows = []
     args.load_before = os.getloadavg()[0]
