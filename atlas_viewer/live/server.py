@@ -262,7 +262,7 @@ class LiveHandler(GuardedHandler):
             key = parse_path(path[len("/atlas"):])
         except UnicodeDecodeError:
             key = None
-        if not key or not (key.startswith("units/") or key.startswith("viewer/")) \
+        if not key or not key.startswith(("units/", "crops/", "viewer/")) \
                 or any(p.startswith(".tmp-") for p in key.split("/")):
             raise HTTPError(HTTPStatus.NOT_FOUND if key else HTTPStatus.BAD_REQUEST, "not an atlas object")
         try:

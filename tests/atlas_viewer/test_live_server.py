@@ -33,10 +33,11 @@ def coffee_jpeg():
 
 
 def _tiny_atlas(root, presets=("yosinski-3",)):
-    """An atlas of efficientnet_lite0 written as FORMAT.md lays it out: units 0..2 of _blocks.3."""
+    """An atlas of efficientnet_lite0 written as FORMAT.md lays it out: units 0..2 of _blocks.3, in
+    schema 1's crop layout (per-unit crops; atlases built before schema 2 must keep working here)."""
     store = LocalStore(root)
     rng = np.random.default_rng(1)
-    cols = {f.name: [] for f in layout.TOPK_SCHEMA}
+    cols = {f.name: [] for f in layout.TOPK_SCHEMA_V1}
     for u in range(3):
         for p in presets:
             store.put(layout.unit_key(LAYER, u, f"{p}.png"), _png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)))
@@ -47,9 +48,9 @@ def _tiny_atlas(root, presets=("yosinski-3",)):
                              ("image", f"n01/<b>{u}-{r}</b>.JPEG"), ("y", 0), ("x", 0), ("x0", 0), ("y0", 0),
                              ("x1", 10), ("y1", 10)):
                     cols[c].append(v)
-    layout.write_topk(store, cols)
+    layout.write_topk(store, cols, layout.TOPK_SCHEMA_V1)
     layout.put_json(store, layout.MANIFEST, {
-        "schema_version": layout.SCHEMA_VERSION, "status": "complete",
+        "schema_version": 1, "status": "complete",
         "model": {"name": "efficientnet_lite0", "source": "package", "weights": "default"},
         "layers": [{"name": LAYER, "units": 40, "shape": [40, 28, 28], "selected": [0, 1, 2]}],
         "presets": [{"name": p} for p in presets], "k": 2})
@@ -147,7 +148,7 @@ def test_atlas_entry_and_objects(served):
         assert status == 200 and ctype.startswith("image/") and data
     status, e = cl.json("GET", f"/api/unit?layer={LAYER}&unit=7")       # a unit the atlas lacks
     assert status == 200 and not e["in_atlas"] and "not in the atlas" in e["reason"]
-    assert cl.request("GET", "/atlas/manifest.json")[0] == 404                  # only units/ and viewer/
+    assert cl.request("GET", "/atlas/manifest.json")[0] == 404                  # only units/, crops/ and viewer/
     assert cl.request("GET", "/atlas/units/../manifest.json")[0] == 400
     assert cl.request("GET", f"/atlas/units/{LAYER}/9/yosinski-3.png")[0] == 404
 
