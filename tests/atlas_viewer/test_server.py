@@ -238,7 +238,7 @@ def _hostile_atlas(base, dataset_uri: str, image_ids: list[str]):
     store = facts["store"]
     t = layout.read_table(store, layout.TOPK).to_pydict()
     t["image"] = [image_ids[i % len(image_ids)] for i in range(len(t["image"]))]
-    layout.write_topk(store, t)
+    layout.write_topk(store, t, layout.TOPK_SCHEMA_V1)   # the synthetic atlas is a schema 1 one
     m = layout.read_manifest(store)
     m["dataset"]["uri"] = dataset_uri
     layout.put_json(store, layout.MANIFEST, m)
