@@ -390,7 +390,7 @@ def _resolve_model(atlas: Atlas, model, weights: str | None):
     """The model for query_image: the caller's, or the atlas's only when it is built in."""
     import torch.nn as nn
 
-    from deepvis.tasks.models import OFFLINE_MODEL, LoadedModel, load_model
+    from deepvis.tasks.models import LoadedModel, load_model, trusted_model_spec, trusted_weights
 
     m = atlas.manifest.get("model") or {}
     if isinstance(model, LoadedModel):
@@ -403,22 +403,11 @@ def _resolve_model(atlas: Atlas, model, weights: str | None):
         return LoadedModel(model.eval(), pre, None, type(model).__name__, "python", "given")
     if model is not None and not isinstance(model, str):
         raise UserError(f"model= must be a model spec, a LoadedModel or an nn.Module, not {type(model).__name__}")
-    spec = model or str(m.get("name"))
-    if model is None and spec != OFFLINE_MODEL and not spec.startswith("torchvision:"):
-        raise UserError(f"atlas {atlas.uri!r} was built with model {spec!r}, which is not built in; an atlas "
-                        f"never chooses code to run: pass model={spec!r} (CLI: --model) if you trust it")
-    w = weights or _atlas_weights(atlas, m)
+    spec = trusted_model_spec(m.get("name"), model)          # the one rule (tasks.models)
+    w = trusted_weights(m.get("weights", "default"), weights)
     if (spec, w) not in atlas._models:
         atlas._models[(spec, w)] = load_model(spec, w)
     return atlas._models[(spec, w)]
-
-
-def _atlas_weights(atlas: Atlas, m: dict) -> str | None:
-    w = str(m.get("weights") or "default")
-    if w in ("default", "none"):
-        return None if w == "default" else "none"
-    raise UserError(f"atlas {atlas.uri!r} was built with the checkpoint {w!r}; pass weights=PATH "
-                    f"(CLI: --weights) to load it (an atlas never chooses which file to load)")
 
 
 def _read_query_image(image) -> "Image.Image":

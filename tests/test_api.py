@@ -267,14 +267,14 @@ def test_query_image_never_runs_the_atlas_code(synthetic, tmp_path, monkeypatch,
     m["model"]["name"] = "evil_model:make"
     layout.put_json(Reader.open(str(root)).store, layout.MANIFEST, m)
     photo = sorted(sample_dir.glob("*/*.JPEG"))[0]
-    with pytest.raises(deepvis.DeepvisError, match=r"pass model='evil_model:make' \(CLI: --model\)"):
+    with pytest.raises(deepvis.DeepvisError, match=r"'evil_model:make', which is not a built-in model.*pass --model SPEC"):
         deepvis.open(root).query_image(photo, layer=OUT)
     r = cli("query", root, "--image", photo, "--layer", OUT)
     assert r.returncode == 2 and "never chooses code to run" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "ran").exists() and "evil_model" not in sys.modules
     m["model"].update(name="efficientnet_lite0", weights="/some/checkpoint.pt")
     layout.put_json(Reader.open(str(root)).store, layout.MANIFEST, m)
-    with pytest.raises(deepvis.DeepvisError, match=r"pass weights=PATH \(CLI: --weights\)"):
+    with pytest.raises(deepvis.DeepvisError, match=r"checkpoint '/some/checkpoint.pt', a file outside the atlas; pass --weights PATH"):
         deepvis.open(root).query_image(photo, layer=OUT)
 
 
