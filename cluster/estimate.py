@@ -138,7 +138,7 @@ def count_objects(plan, crop_shards: int, static_files: int) -> Objects:
     o = Objects()
     o.opt_png = sum(len(s["units"]) * _images_per_unit(s, plan.presets) for s in plan.opt_shards)
     o.records = len(plan.opt_shards) + len(plan.data_shards)
-    o.states = len(plan.data_shards)
+    o.states = len(plan.data_shards) + merged_states(len(plan.data_shards))
     o.index = 1 + (1 if plan.data_shards else 0)            # units.parquet, topk.parquet
     if plan.data_shards:
         # an upper bound: each distinct (image, box) is stored once (cluster/crops.py), and how many
@@ -150,6 +150,19 @@ def count_objects(plan, crop_shards: int, static_files: int) -> Objects:
     sheets = sum(math.ceil(n / PER_SHEET) for n in units) * views
     o.viewer = static_files + 1 + len(plan.layers) + sheets     # files, model.json, layer JSONs, sprites
     return o
+
+
+def merged_states(n: int) -> int:
+    """States the tree merge writes for n dataset shards (cluster/merge.py: groups of FAN_IN per
+    level; a group of one is passed up as it is)."""
+    from deepvis.cluster.merge import FAN_IN
+
+    written = 0
+    while n > 1:
+        groups = [min(FAN_IN, n - i) for i in range(0, n, FAN_IN)]
+        written += sum(1 for g in groups if g > 1)
+        n = len(groups)
+    return written
 
 
 def crop_shard_count(plan) -> int:
@@ -257,3 +270,10 @@ def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_
     return Estimate(device=str(device), actors=actors, costs=c.name, source=c.source, objects=o,
                     bytes=count_bytes(plan, o, c, depths), seconds=sec, slowdown=round(slowdown, 2),
                     shards={"opt": len(plan.opt_shards), "data": len(plan.data_shards), "crop": n_crop})
+
+
+def load_factor(load: float, cpus: int, actors: int) -> float:
+    """How much slower CPU work runs on a shared machine: our actors share the cores with the
+    load already there (1-minute load average); 1 on an idle machine with an actor per core."""
+    return max(1.0, (load + actors) / max(1, cpus))
+
