@@ -102,5 +102,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# Commands that only read an atlas end without the interpreter's teardown: pyarrow's (and torch's)
+# native thread pools can abort a finished process there ("terminate called without an active
+# exception", exit -6, about 1 run in 4 of `deepvis query`), after all output was written.
+READ_ONLY = ("query", "status", "compare")
+
+
+def run_and_exit(argv: list[str] | None = None) -> None:
+    """The console script: main(), then exit; read-only commands skip the teardown (see READ_ONLY)."""
+    code = main(argv)
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    if command in READ_ONLY:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

@@ -1,6 +1,5 @@
 """`python -m deepvis.cli` = `deepvis` (used by `deepvis submit --working-dir`)."""
-import sys
 
-from deepvis.cli import main
+from deepvis.cli import run_and_exit
 
-sys.exit(main())
+run_and_exit()
