@@ -42,7 +42,20 @@ class Lease:
         return max(0.0, (time.time() if now is None else now) - self.heartbeat)
 
     def stale(self, now: float | None = None) -> bool:
-        return self.age(now) > STALE_S
+        return self.age(now) > STALE_S or self.gone()
+
+    def gone(self) -> bool:
+        """The holder ran on this machine and its process no longer exists: the build is over, whatever
+        its last heartbeat says (a build stopped by a dead store could not release its lease)."""
+        if self.host != socket.gethostname() or self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:      # it exists (another user's process)
+            return False
+        return False
 
     def describe(self) -> str:
         return f"{self.holder} (user {self.user}), last heartbeat {self.age():.0f} s ago"
@@ -111,6 +124,10 @@ class BuildLease:
         self.store.put(LEASE_KEY, _encode(self.lease))
 
     def _take_over(self, other: Lease) -> None:
+        if other.gone():
+            self.log(f"taking over the lease of a build that is no longer running ({other.holder}: no such process)")
+            self.store.put(LEASE_KEY, _encode(self.lease))
+            return
         if not self.force:
             state = "it looks dead (no heartbeat for over 2 min)" if other.stale() else "it is running"
             raise UserError(f"another build holds {self.store.uri}: {other.describe()}; {state}. Wait for "

@@ -42,3 +42,16 @@ def ray_cluster():
              runtime_env={"env_vars": {"PYTHONDONTWRITEBYTECODE": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """An in-process ShardWorker sets torch's thread count for its actor (1 on CPU); later tests in
+    the session must not inherit it: oneDNN's rounding (and so a marginal optimization) depends on it."""
+    import sys
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)

@@ -86,9 +86,12 @@ def test_heartbeat_refreshes_and_a_take_over_is_noticed(tmp_path):
     assert read_lease(store) is None
 
 
+OTHER = "build-host.example"   # another machine: only its heartbeat tells whether it is alive
+
+
 def stale_lease(store) -> None:
     lease = new_lease()
-    lease.pid, lease.holder = 999999, f"{lease.host}:999999"
+    lease.host, lease.pid, lease.holder = OTHER, 999999, f"{OTHER}:999999"
     lease.heartbeat = lease.started = time.time() - STALE_S - 180
     store.put(LEASE_KEY, json.dumps(lease.__dict__).encode())
 
@@ -101,7 +104,7 @@ def test_force_takes_over_a_stale_lease(tmp_path):
     logs: list[str] = []
     with BuildLease(store, force=True, log=logs.append) as mine:
         assert read_lease(store).token == mine.lease.token
-    assert len(logs) == 1 and re.fullmatch(rf"taking over the stale lease of {re.escape(HOST)}:999999 \(user "
+    assert len(logs) == 1 and re.fullmatch(rf"taking over the stale lease of {re.escape(OTHER)}:999999 \(user "
                                            rf"{mine.lease.user}\), last heartbeat 3\d\d s ago", logs[0]), logs
 
 
@@ -130,13 +133,28 @@ def test_status_says_dead_when_the_builds_lease_is_stale_or_gone(tmp_path):
     assert doc["status"] == "running" and doc["state"] == "dead"
     assert re.fullmatch(
         rf"dead: the build stopped without finishing \(last heartbeat 3\d\d s ago from "
-        rf"{re.escape(HOST)}:999999; a live build beats every 30 s\); re-run the same command to resume",
+        rf"{re.escape(OTHER)}:999999; a live build beats every 30 s\); re-run the same command to resume",
         doc["state_detail"]), doc["state_detail"]
     # and a new build refuses until told the holder is dead; before any model or Ray work
     r = deepvis("build", "--layers", "_fc", "--units", "0:2", "--out", out, "--no-progress",
                 "--address", "127.0.0.1:1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "it looks dead (no heartbeat for over 2 min)" in r.stderr and "re-run with --force" in r.stderr
+
+
+def test_a_lease_whose_process_is_gone_here_is_taken_over(tmp_path):
+    """A build on this machine whose process no longer exists (stopped by a dead store, killed -9)
+    holds nothing, however fresh its last heartbeat: the next build takes its lease without --force."""
+    store = LocalStore(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lease = new_lease()
+    lease.pid, lease.holder = dead.pid, f"{lease.host}:{dead.pid}"
+    store.put(LEASE_KEY, json.dumps(lease.__dict__).encode())
+    logs: list[str] = []
+    with BuildLease(store, log=logs.append) as mine:
+        assert read_lease(store).token == mine.lease.token
+    assert logs == [f"taking over the lease of a build that is no longer running ({HOST}:{dead.pid}: no such process)"]
 
 
 # ------------------------------------------------------------------ real builds
