@@ -71,7 +71,8 @@ def config_from_args(args) -> BuildConfig:
     return BuildConfig.from_dict(given, origin="flags")
 
 
-def print_summary(s: dict, out=sys.stdout) -> None:
+def print_summary(s: dict, out=None) -> None:
+    out = out or sys.stdout   # looked up at call time (a default would pin the import-time stream)
     print(f"atlas: {s['atlas']}  [{s['status']}]", file=out)
     print(f"  {s['units']} units in {s['layers']} layers; {s['dead_units']} dead; "
           f"{s['shards_computed']} shards computed, {s['shards_skipped']} skipped (already finished)", file=out)
@@ -96,7 +97,8 @@ def _mib(b: int) -> str:
     return f"{b / 2**20:,.1f} MiB"
 
 
-def print_dry_run(d: dict, out=sys.stdout) -> None:
+def print_dry_run(d: dict, out=None) -> None:
+    out = out or sys.stdout   # looked up at call time (a default would pin the import-time stream)
     o, b, sec, sh = d["objects"], d["bytes"], d["seconds"], d["shards"]
     done = d.get("shards_done") or {}
     say = lambda *a: print(*a, file=out)  # noqa: E731

@@ -138,8 +138,9 @@ def _runtime_env(args) -> dict:
     return rt
 
 
-def follow(c, job_id: str, out=sys.stdout) -> str:
+def follow(c, job_id: str, out=None) -> str:
     """Print the job's logs as they come until it ends; return its final status (a string)."""
+    out = out or sys.stdout   # looked up at call time (a default would pin the import-time stream)
     import asyncio
 
     async def tail():
