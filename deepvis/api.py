@@ -317,7 +317,7 @@ class Atlas:
     def status(self) -> Status:
         """The manifest's status and, per layer, units expected / done / dead / in failed shards
         (what `deepvis status` prints; read afresh each time, so it follows a running build)."""
-        from deepvis.cli.status import layer_status
+        from deepvis.storage.atlas import layer_status
 
         m, rows = layer_status(self.store)
         return Status(status=str(m.get("status")), layers=tuple(LayerStatus(**r) for r in rows),
@@ -345,7 +345,7 @@ class Atlas:
         return _query_image(self, image, layer, k, model, weights)
 
     def _repr_html_(self) -> str:
-        from deepvis.cli.status import layer_status
+        from deepvis.storage.atlas import layer_status
         try:
             m, rows = layer_status(self.store)
         except StoreError as e:

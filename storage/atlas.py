@@ -19,6 +19,37 @@ def crop_key(row: dict, schema_version: int = layout.SCHEMA_VERSION) -> str | No
     return layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"]))
 
 
+def layer_status(store: Store) -> tuple[dict, list[dict]]:
+    """(manifest, per layer: expected / done / dead / failed units), from the manifest and the
+    optimization shards' completion records (`deepvis status`, deepvis.Atlas.status)."""
+    m = layout.read_manifest(store)
+    rows = {l["name"]: {"layer": l["name"], "expected": len(l.get("selected") or range(l["units"])),
+                        "done": 0, "dead": 0, "failed": 0} for l in m["layers"]}
+    n_presets = len(m.get("presets") or [])
+    for key in store.list(layout.RECORDS + "/opt/"):
+        rec = layout.get_json(store, key)
+        if not rec:
+            continue
+        s = rec["summary"]
+        r = rows.get(s["layer"])
+        if r is None:
+            continue
+        units = {x["unit"] for x in s["rows"]}
+        r["done"] += len(units)
+        r["dead"] += len({x["unit"] for x in s["rows"] if x["dead"]})
+    for f in m.get("failed_shards", []):
+        parts = f["id"].split("/")
+        if len(parts) == 3 and parts[0] in ("opt", "crop") and parts[1] in rows:
+            lo, hi = map(int, parts[2].split("-"))
+            sel = [u for u in (next(l for l in m["layers"] if l["name"] == parts[1]).get("selected") or [])
+                   if lo <= u <= hi]
+            rows[parts[1]]["failed"] += len(sel)
+    if n_presets == 0:  # dataset-only atlas: "done" = units with top-k rows
+        for r in rows.values():
+            r["done"] = r["expected"] if m["status"] == "complete" else 0
+    return m, list(rows.values())
+
+
 class Atlas:
     def __init__(self, store: Store, manifest: dict):
         self.store = store

@@ -55,13 +55,22 @@ class LocalStore(Store):
                              f"{os.path.relpath(e.filename or path, self.root)}); choose a directory you can "
                              f"write, or fix its permissions") from None
 
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+    def _write_temp(self, path: Path, data: bytes) -> str:
+        """The whole object in a temp file beside `path`, readable as the umask allows; its name."""
         fd, tmp = self._temp_for(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a static web server must read it
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._write_temp(path, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -84,11 +93,8 @@ class LocalStore(Store):
         # the whole object goes to a temp file first, then link() publishes it: link fails when the
         # name exists (an exclusive create, like O_CREAT|O_EXCL) and readers never see a partial file
         path = self._path(key)
-        fd, tmp = self._temp_for(path)
+        tmp = self._write_temp(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o666 & ~_UMASK)
             os.link(tmp, path)
             return True
         except FileExistsError:

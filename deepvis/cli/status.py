@@ -15,37 +15,6 @@ def add_parser(sub):
     return p
 
 
-def layer_status(store) -> tuple[dict, list[dict]]:
-    from deepvis.storage import layout
-
-    m = layout.read_manifest(store)
-    rows = {l["name"]: {"layer": l["name"], "expected": len(l.get("selected") or range(l["units"])),
-                        "done": 0, "dead": 0, "failed": 0} for l in m["layers"]}
-    n_presets = len(m.get("presets") or [])
-    for key in store.list(layout.RECORDS + "/opt/"):
-        rec = layout.get_json(store, key)
-        if not rec:
-            continue
-        s = rec["summary"]
-        r = rows.get(s["layer"])
-        if r is None:
-            continue
-        units = {x["unit"] for x in s["rows"]}
-        r["done"] += len(units)
-        r["dead"] += len({x["unit"] for x in s["rows"] if x["dead"]})
-    for f in m.get("failed_shards", []):
-        parts = f["id"].split("/")
-        if len(parts) == 3 and parts[0] in ("opt", "crop") and parts[1] in rows:
-            lo, hi = map(int, parts[2].split("-"))
-            sel = [u for u in (next(l for l in m["layers"] if l["name"] == parts[1]).get("selected") or [])
-                   if lo <= u <= hi]
-            rows[parts[1]]["failed"] += len(sel)
-    if n_presets == 0:  # dataset-only atlas: "done" = units with top-k rows
-        for r in rows.values():
-            r["done"] = r["expected"] if m["status"] == "complete" else 0
-    return m, list(rows.values())
-
-
 def build_state(store, status: str) -> tuple[str, str]:
     """(state, one-line explanation): a 'running' manifest is 'running' only while its build's lease
     has a fresh heartbeat; with a stale lease or none, that build is 'dead' (it stopped without
@@ -71,6 +40,8 @@ def run(args) -> int:
     from deepvis.storage.store import open_store
 
     store = open_store(args.store, args.endpoint_url, must_exist=True)
+    from deepvis.storage.atlas import layer_status
+
     m, rows = layer_status(store)
     state, line = build_state(store, m["status"])
     if args.json:

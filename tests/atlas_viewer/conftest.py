@@ -4,6 +4,7 @@ helpers live in devtools.viewer (bench/viewer.py uses them too) and are re-expor
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -121,3 +122,19 @@ def screenshot(pg, name: str) -> Path:
     path = ARTIFACTS / name
     pg.screenshot(path=str(path), full_page=False)
     return path
+
+
+def send_raw(address, data: bytes, timeout: float) -> bytes:
+    """Send bytes as they are to (host, port), then read the whole answer (until the server closes
+    or the timeout): the servers' tests of malformed and hostile requests."""
+    with socket.create_connection(address, timeout=timeout) as s:
+        out = b""
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                out += chunk
+        except (ConnectionResetError, BrokenPipeError, OSError) as e:   # a refusal may close first
+            if isinstance(e, TimeoutError):
+                raise
+        return out

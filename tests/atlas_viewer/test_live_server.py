@@ -16,6 +16,7 @@ from PIL import Image
 
 from deepvis.storage import layout
 from deepvis.storage.store import LocalStore
+from tests.atlas_viewer.conftest import send_raw
 
 LAYER = "_blocks.3"
 
@@ -267,17 +268,7 @@ def test_cli_errors(capsys, tmp_path):
 # ---------------------------------------------------------------- issue #17: hostile uploads, servers
 def raw(server, data: bytes, timeout: float = 30) -> bytes:
     """Send bytes as they are, then read the whole answer (until the server closes)."""
-    with socket.create_connection(server.server_address[:2], timeout=timeout) as s:
-        out = b""
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            while chunk := s.recv(65536):
-                out += chunk
-        except (ConnectionResetError, BrokenPipeError, OSError) as e:   # a refusal may close first
-            if isinstance(e, TimeoutError):
-                raise
-        return out
+    return send_raw(server.server_address[:2], data, timeout)
 
 
 def _post(server, headers: str, body: bytes = b"") -> tuple[int, str]:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from deepvis.atlas_viewer.server import parse_path
-from tests.atlas_viewer.conftest import MID, ROOT, XSS_FILE, make_synthetic_atlas, serve
+from tests.atlas_viewer.conftest import MID, ROOT, XSS_FILE, make_synthetic_atlas, send_raw, serve
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +133,7 @@ def test_cli_serves_until_stopped(atlas, tmp_path):
         assert r.status == 200 and b'"layers"' in r.read()
         assert url.endswith("/viewer/index.html")
     finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        _stop(p)
 
 
 def test_cli_publishes_a_viewer_when_absent_and_errors_without_atlas(tmp_path):
@@ -312,17 +307,7 @@ def test_atlas_symlinks_out_of_the_atlas_are_refused(tmp_path):
 
 def raw(server, data: bytes, timeout: float = 10) -> bytes:
     """Send bytes as they are, then read the whole answer (the server closes or times out)."""
-    with socket.create_connection(server.server.server_address[:2], timeout=timeout) as s:
-        out = b""
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            while chunk := s.recv(65536):
-                out += chunk
-        except (ConnectionResetError, BrokenPipeError, OSError) as e:   # a refusal may close first
-            if isinstance(e, TimeoutError):
-                raise
-        return out
+    return send_raw(server.server.server_address[:2], data, timeout)
 
 
 def test_host_header_is_checked(server):
