@@ -337,18 +337,8 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     copy_static(store)
 
     presets = [p["name"] if isinstance(p, dict) else str(p) for p in manifest.get("presets") or []]
-    units_t = _read_optional(store, layout.UNITS)
-    units_rows = None
-    if units_t is not None and units_t.num_rows:
-        units_rows = {}
-        for r in units_t.to_pylist():
-            units_rows.setdefault(r["layer"], {})[int(r["unit"])] = r
-    topk_t = _read_optional(store, layout.TOPK)
-    topk_by_layer = None
-    if topk_t is not None:
-        topk_by_layer = {}
-        for r in topk_t.to_pylist():
-            topk_by_layer.setdefault(r["layer"], []).append(r)
+    units_t, units_rows = _rows_by_layer(store, layout.UNITS, unit_keyed=True)
+    topk_t, topk_by_layer = _rows_by_layer(store, layout.TOPK, unit_keyed=False)
     failed = _failed_units(manifest)
     histories = _opt_histories(store)
     crops_present = set(store.list(f"{layout.CROPS}/"))   # schema 2's shared crops, listed once
@@ -368,10 +358,39 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
         summary["file"] = key[len(DATA) + 1:]
         layers.append(summary)
 
+    out = _model_json(manifest, version, layers, has_topk=topk_t is not None, has_units=units_t is not None,
+                      tile=tile, per_sheet=per_sheet)
+    store.put(f"{DATA}/model.json", _dumps(out))
+    written.add(f"{DATA}/model.json")
+    # sheets and layers of an earlier publish that this one did not write (fewer units, a layer gone)
+    for key in sorted(old - written):
+        if key.startswith((f"{DATA}/sprites/", f"{DATA}/layers/")):
+            store.delete(key)
+    return out
+
+
+def _rows_by_layer(store: Store, key: str, unit_keyed: bool):
+    """(the table or None, its rows by layer: {layer: {unit: row}} when unit_keyed, else {layer: [rows]}).
+    The units table counts as absent when it has no rows (the viewer then has no per-unit stats)."""
+    t = _read_optional(store, key)
+    if t is None or (unit_keyed and not t.num_rows):
+        return t, None
+    by_layer: dict = {}
+    for r in t.to_pylist():
+        if unit_keyed:
+            by_layer.setdefault(r["layer"], {})[int(r["unit"])] = r
+        else:
+            by_layer.setdefault(r["layer"], []).append(r)
+    return t, by_layer
+
+
+def _model_json(manifest: dict, version: str, layers: list[dict], *, has_topk: bool, has_units: bool,
+                tile: int, per_sheet: int) -> dict:
+    """model.json: what the viewer shows of the manifest, plus the layer summaries."""
     model = manifest.get("model") or {}
     ds = manifest.get("dataset")
     build = manifest.get("build") or {}
-    out = {
+    return {
         "version": version, "data_version": DATA_VERSION,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "status": manifest.get("status"),
@@ -388,14 +407,7 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
                   "seconds": build.get("seconds"), "versions": build.get("versions")},
         "failed_shards": [{"id": f.get("id"), "error": str(f.get("error", ""))[:2000]}
                           for f in manifest.get("failed_shards") or []],
-        "has_topk": topk_t is not None, "has_units": units_t is not None,
+        "has_topk": has_topk, "has_units": has_units,
         "tile": tile, "per_sheet": per_sheet,
         "layers": layers,
     }
-    store.put(f"{DATA}/model.json", _dumps(out))
-    written.add(f"{DATA}/model.json")
-    # sheets and layers of an earlier publish that this one did not write (fewer units, a layer gone)
-    for key in sorted(old - written):
-        if key.startswith((f"{DATA}/sprites/", f"{DATA}/layers/")):
-            store.delete(key)
-    return out

@@ -91,40 +91,66 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
     The activation of a result is FORMAT.md's (max over h, w) on the final image, untransformed."""
     device = torch.device(device)
     check_model_device(model, device)
-    dtype = model_dtype(model)
-    S = int(size or preprocessing["crop"])
-    diversity = max(1, int(diversity))
-    div_layer = diversity_layer or layer
+    job = _ModernJob(model, preprocessing, layer, model_name, int(size or preprocessing["crop"]), device,
+                     model_dtype(model), max(1, int(diversity)), diversity_layer or layer)
     out: dict[tuple[int, str, int], UnitResult] = {}
     for p in presets:
-        n = int(steps) if steps is not None else p.steps
-        trip = [(int(u), d) for u in units for d in range(diversity)]
-        gens = [_seeds(model_name, layer, u, p.name, d) for u, d in trip]
-        kw = {"size": S, "device": device, "dtype": dtype}
+        for r in job.run(p, units, int(steps) if steps is not None else p.steps):
+            out[(r.unit, p.name, r.index)] = r
+    return [out[(int(u), p.name, d)] for u in units for p in presets for d in range(job.diversity)]
+
+
+@dataclass
+class _ModernJob:
+    """What every preset of one optimize_modern call shares."""
+    model: nn.Module
+    preprocessing: dict
+    layer: str
+    model_name: str
+    size: int
+    device: torch.device
+    dtype: torch.dtype
+    diversity: int
+    div_layer: str
+
+    def run(self, p: ModernPreset, units: list[int], n: int) -> list[UnitResult]:
+        """One preset: every (unit, diversity index) in one batch, n steps of Adam."""
+        trip = [(int(u), d) for u in units for d in range(self.diversity)]
+        gens = [_seeds(self.model_name, self.layer, u, p.name, d) for u, d in trip]
+        kw = {"size": self.size, "device": self.device, "dtype": self.dtype}
         if p.param != "maco":
             kw["decorrelate_colors"] = p.decorrelate
         params, image_fn = PARAMETERIZATIONS[p.param]([g[0] for g in gens], **kw)
-        tgens = [g[1] for g in gens]
-        opt = torch.optim.Adam(params, lr=p.lr)
-        tf = TRANSFORMS[p.transforms]
-        unit_idx = torch.tensor([u for u, _ in trip], device=device)
+        unit_idx = torch.tensor([u for u, _ in trip], device=self.device)
+        hist, attribution, ever_grad, act, final = self._loop(p, n, params, image_fn, [g[1] for g in gens],
+                                                             unit_idx, trip)
+        images = final.float().clamp(0, 1).cpu()
+        alphas = _alpha(attribution) if attribution is not None else None
+        return [UnitResult(unit=u, preset=p.name, image=images[i], activation=float(act[i]),
+                           dead=not bool(ever_grad[i]), history=hist[i], steps=n, size=self.size,
+                           seed=int(gens[i][0].initial_seed()), history_steps=history_steps(n),
+                           alpha=None if alphas is None else alphas[i], index=d)
+                for i, (u, d) in enumerate(trip)]
+
+    def _loop(self, p: ModernPreset, n: int, params, image_fn, tgens, unit_idx, trip):
+        layer, S, B = self.layer, self.size, len(trip)
+        opt, tf = torch.optim.Adam(params, lr=p.lr), TRANSFORMS[p.transforms]
         groups = [[i for i, (u2, _) in enumerate(trip) if u2 == u] for u in dict.fromkeys(u for u, _ in trip)]
-        names = [layer] + ([div_layer] if diversity > 1 and div_layer != layer else [])
-        record = set(history_steps(n))
-        hist: list[list[float]] = [[] for _ in trip]
-        attribution = torch.zeros(len(trip), S, S, dtype=torch.float64, device=device) if p.transparency else None
-        ever_grad = torch.zeros(len(trip), dtype=torch.bool, device=device)
-        with hooked(model, names) as run, torch.enable_grad():
+        names = [layer] + ([self.div_layer] if self.diversity > 1 and self.div_layer != layer else [])
+        record, hist = set(history_steps(n)), [[] for _ in trip]
+        attribution = torch.zeros(B, S, S, dtype=torch.float64, device=self.device) if p.transparency else None
+        ever_grad = torch.zeros(B, dtype=torch.bool, device=self.device)
+        with hooked(self.model, names) as run, torch.enable_grad():
             for t in range(n):
                 img = image_fn()
                 img.retain_grad()
-                outs = run(normalize(tf(img, tgens) if tf is not None else img, preprocessing))
+                outs = run(normalize(tf(img, tgens) if tf is not None else img, self.preprocessing))
                 if t == 0:
                     check_output(outs[layer], layer, unit_idx)
                 a = objective_mean(outs[layer], unit_idx)
                 loss = -a.sum()
-                if diversity > 1:
-                    loss = loss + DIVERSITY_WEIGHT * gram_similarity(outs[div_layer], groups)
+                if self.diversity > 1:
+                    loss = loss + DIVERSITY_WEIGHT * gram_similarity(outs[self.div_layer], groups)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if img.grad is not None:
@@ -140,15 +166,8 @@ def optimize_modern(model: nn.Module, preprocessing: dict, layer: str, units: li
             with torch.no_grad():
                 final = image_fn().detach()
                 from deepvis.tasks.quality import unit_activation
-                act = unit_activation(run(normalize(final, preprocessing))[layer], unit_idx).tolist()
-        images = final.float().clamp(0, 1).cpu()
-        alphas = _alpha(attribution) if attribution is not None else None
-        for i, (u, d) in enumerate(trip):
-            out[(u, p.name, d)] = UnitResult(
-                unit=u, preset=p.name, image=images[i], activation=float(act[i]), dead=not bool(ever_grad[i]),
-                history=hist[i], steps=n, size=S, seed=int(gens[i][0].initial_seed()),
-                history_steps=history_steps(n), alpha=None if alphas is None else alphas[i], index=d)
-    return [out[(int(u), p.name, d)] for u in units for p in presets for d in range(diversity)]
+                act = unit_activation(run(normalize(final, self.preprocessing))[layer], unit_idx).tolist()
+        return hist, attribution, ever_grad, act, final
 
 
 def _alpha(acc: torch.Tensor) -> torch.Tensor:

@@ -399,78 +399,121 @@ def _optimize_paper(model: nn.Module, preprocessing: dict, layer: str, units: li
     if size is not None and int(size) < 8:
         raise UserError(f"image size must be >= 8 pixels (got {size})")
     check_model_device(model, device)
-    S, B, dtype = int(size or preprocessing["crop"]), len(pairs), model_dtype(model)
+    S, dtype = int(size or preprocessing["crop"]), model_dtype(model)
     n_steps = [int(steps) if steps is not None else p.steps for _, p in pairs]
     seeds = [unit_seed(model_name, layer, u, p.name) for u, p in pairs]
-    record_at = [set(history_steps(n)) for n in n_steps]
-
-    # Caffe pixel space (module doc): x_model = x_c / (255 std); valid x_c in [-255 mean, 255 (1 - mean)]
-    mean = torch.tensor(preprocessing["mean"], dtype=dtype, device=device).view(1, 3, 1, 1)
-    to_model = 1.0 / (255.0 * torch.tensor(preprocessing["std"], dtype=dtype, device=device).view(1, 3, 1, 1))
-    lo, hi = -255.0 * mean, 255.0 * (1.0 - mean)
-
-    x = torch.stack([start_image(s, S, dtype) for s in seeds]).to(device)
+    space = _CaffeSpace.of(preprocessing, dtype, device)
+    st = _PaperBatch.start(torch.stack([start_image(s, S, dtype) for s in seeds]).to(device),
+                           n_steps, [p for _, p in pairs])
     unit_idx = torch.tensor([u for u, _ in pairs], device=device)
-    best_x, best_a = x.clone(), torch.full((B,), -math.inf, dtype=dtype, device=device)
-    ever_grad = torch.zeros(B, dtype=torch.bool, device=device)
-    history: list[list[float]] = [[] for _ in range(B)]
-    hypers: dict[tuple[int, ...], Hyper] = {}     # the images still updated -> their presets' columns
     bar = _progress_bar(max(n_steps), layer) if progress else None
     try:
         with hooked(model, [layer]) as run, torch.enable_grad():
             for t in range(max(n_steps)):
-                rows = [i for i in range(B) if n_steps[i] > t]            # images still running
-                idx = None if len(rows) == B else torch.tensor(rows, device=device)
-                take = (lambda v: v) if idx is None else (lambda v: v[idx])
-                xa = clip_range(take(x), lo, hi).requires_grad_(True)                     # 1.
-                out = run(xa * to_model)[layer]                                           # 2.
-                if t == 0:
-                    check_output(out, layer, unit_idx)
-                a = objective(out, take(unit_idx))
-                g = torch.autograd.grad(a.sum(), xa, allow_unused=True)[0] if a.requires_grad else None
-                xa, a = xa.detach(), a.detach()
-                g = torch.zeros_like(xa) if g is None else g   # the layer does not depend on the input
-                # keep the best iterate (the image of this forward), note live gradients and history
-                better = a > take(best_a)
-                new_best_a = torch.where(better, a, take(best_a))
-                new_best_x = torch.where(better.view(-1, 1, 1, 1), xa, take(best_x))
-                live = take(ever_grad) | (g.flatten(1).abs().amax(1) > 0)
-                if idx is None:
-                    best_a, best_x, ever_grad = new_best_a, new_best_x, live
-                else:
-                    best_a[idx], best_x[idx], ever_grad[idx] = new_best_a, new_best_x, live
-                if any(t in record_at[i] for i in rows):
-                    vals = a.tolist()
-                    for j, i in enumerate(rows):
-                        if t in record_at[i]:
-                            history[i].append(float(vals[j]))
-                # 3-7. update the images that have steps left (no regularization on an image's last step)
-                going = [j for j, i in enumerate(rows) if n_steps[i] > t + 1]
-                if going:
-                    key = tuple(rows[j] for j in going)
-                    if key not in hypers:
-                        hypers[key] = Hyper([pairs[i][1] for i in key], device, dtype)
-                    if len(going) == len(rows):
-                        xn = regularize(xa, g, t, hypers[key])
-                    else:
-                        sub = torch.tensor(going, device=device)
-                        xn = regularize(xa[sub], g[sub], t, hypers[key])
-                    if len(key) == B:
-                        x = xn
-                    else:
-                        x[torch.tensor(key, device=device)] = xn
+                _paper_step(run, layer, t, st, space, unit_idx)
                 if bar is not None:
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-
-    images = ((best_x + 255.0 * mean) / 255.0).clamp(0, 1).float().cpu()
-    best, dead = best_a.tolist(), (~ever_grad).tolist()
+    images = ((st.best_x + 255.0 * space.mean) / 255.0).clamp(0, 1).float().cpu()
+    best, dead = st.best_a.tolist(), (~st.ever_grad).tolist()
     return [UnitResult(unit=u, preset=p.name, image=images[i], activation=float(best[i]), dead=bool(dead[i]),
-                       history=history[i], steps=n_steps[i], size=S, seed=seeds[i],
+                       history=st.history[i], steps=n_steps[i], size=S, seed=seeds[i],
                        history_steps=history_steps(n_steps[i]))
             for i, (u, p) in enumerate(pairs)]
+
+
+@dataclass
+class _CaffeSpace:
+    """Caffe pixel space (module doc): x_model = x_c / (255 std); valid x_c in [-255 mean, 255 (1 - mean)]."""
+    mean: torch.Tensor
+    to_model: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @classmethod
+    def of(cls, preprocessing: dict, dtype, device) -> "_CaffeSpace":
+        mean = torch.tensor(preprocessing["mean"], dtype=dtype, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(preprocessing["std"], dtype=dtype, device=device).view(1, 3, 1, 1)
+        return cls(mean, 1.0 / (255.0 * std), -255.0 * mean, 255.0 * (1.0 - mean))
+
+
+@dataclass
+class _PaperBatch:
+    """One batch of (unit, preset) images through the paper's loop. Images stop at their own step
+    counts, so a step works on the rows still running (`idx`, None when all are)."""
+    x: torch.Tensor
+    best_x: torch.Tensor
+    best_a: torch.Tensor
+    ever_grad: torch.Tensor
+    n_steps: list[int]
+    presets: list[Preset]
+    history: list[list[float]]
+    record_at: list[set[int]]
+    hypers: dict[tuple[int, ...], Hyper]   # the images still updated -> their presets' columns
+
+    @classmethod
+    def start(cls, x: torch.Tensor, n_steps: list[int], presets: list[Preset]) -> "_PaperBatch":
+        B = x.shape[0]
+        return cls(x, x.clone(), torch.full((B,), -math.inf, dtype=x.dtype, device=x.device),
+                   torch.zeros(B, dtype=torch.bool, device=x.device), n_steps, presets,
+                   [[] for _ in range(B)], [set(history_steps(n)) for n in n_steps], {})
+
+    def keep_best(self, idx, take, xa: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Keep the best iterate (the image of this forward) and note live gradients."""
+        better = a > take(self.best_a)
+        new_a = torch.where(better, a, take(self.best_a))
+        new_x = torch.where(better.view(-1, 1, 1, 1), xa, take(self.best_x))
+        live = take(self.ever_grad) | (g.flatten(1).abs().amax(1) > 0)
+        if idx is None:
+            self.best_a, self.best_x, self.ever_grad = new_a, new_x, live
+        else:
+            self.best_a[idx], self.best_x[idx], self.ever_grad[idx] = new_a, new_x, live
+
+    def record(self, t: int, rows: list[int], a: torch.Tensor) -> None:
+        if any(t in self.record_at[i] for i in rows):
+            vals = a.tolist()
+            for j, i in enumerate(rows):
+                if t in self.record_at[i]:
+                    self.history[i].append(float(vals[j]))
+
+    def update(self, t: int, rows: list[int], xa: torch.Tensor, g: torch.Tensor) -> None:
+        """Steps 3-7 for the images with steps left (no regularization on an image's last step)."""
+        going = [j for j, i in enumerate(rows) if self.n_steps[i] > t + 1]
+        if not going:
+            return
+        key = tuple(rows[j] for j in going)
+        if key not in self.hypers:
+            self.hypers[key] = Hyper([self.presets[i] for i in key], xa.device, xa.dtype)
+        if len(going) == len(rows):
+            xn = regularize(xa, g, t, self.hypers[key])
+        else:
+            sub = torch.tensor(going, device=xa.device)
+            xn = regularize(xa[sub], g[sub], t, self.hypers[key])
+        if len(key) == len(self.n_steps):
+            self.x = xn
+        else:
+            self.x[torch.tensor(key, device=xa.device)] = xn
+
+
+def _paper_step(run, layer: str, t: int, st: _PaperBatch, space: _CaffeSpace, unit_idx: torch.Tensor) -> None:
+    """One step of the paper's update for every image still running (the numbers are the module doc's)."""
+    B = len(st.n_steps)
+    rows = [i for i in range(B) if st.n_steps[i] > t]
+    idx = None if len(rows) == B else torch.tensor(rows, device=st.x.device)
+    take = (lambda v: v) if idx is None else (lambda v: v[idx])
+    xa = clip_range(take(st.x), space.lo, space.hi).requires_grad_(True)           # 1.
+    out = run(xa * space.to_model)[layer]                                           # 2.
+    if t == 0:
+        check_output(out, layer, unit_idx)
+    a = objective(out, take(unit_idx))
+    g = torch.autograd.grad(a.sum(), xa, allow_unused=True)[0] if a.requires_grad else None
+    xa, a = xa.detach(), a.detach()
+    g = torch.zeros_like(xa) if g is None else g   # the layer does not depend on the input
+    st.keep_best(idx, take, xa, a, g)
+    st.record(t, rows, a)
+    st.update(t, rows, xa, g)
 
 
 def display_image(image: torch.Tensor, preprocessing: dict) -> torch.Tensor:
