@@ -124,7 +124,13 @@ def _surrogate(module: nn.Module, device, dtype=torch.float32, seed: int = 0) ->
                 elif is_bn:
                     p.fill_(1.0)
                 elif p.dim() >= 2:
-                    p.copy_(positive(p.shape, 1.0 / max(1, p[0].numel())))
+                    w = positive(p.shape, 1.0 / max(1, p[0].numel()))
+                    if p.dim() == 4 and p.shape[-1] == p.shape[-2]:
+                        # symmetric square kernels (still positive: the same support), so a network
+                        # whose structure is the same along x and y maps transposed inputs to
+                        # transposed outputs, and one axis' sweep gives the other (_is_transposable)
+                        w = (w + w.transpose(-1, -2)) / 2
+                    p.copy_(w)
                 else:
                     p.copy_(positive(p.shape))
             if is_bn:
@@ -178,6 +184,13 @@ class _Extents:
         if key in self.lo:
             first, last = torch.minimum(self.lo[key], first), torch.maximum(self.hi[key], last)
         self.lo[key], self.hi[key] = first, last
+
+    def transpose_x_to_y(self, names: list[str]) -> None:
+        """The y extents from the x sweep of a transposable network (see _is_transposable): the rows
+        the unit at (y, x) sees are the columns the unit at (x, y) sees."""
+        for name in names:
+            self.lo[("y", name)] = self.lo[("x", name)].transpose(-1, -2)
+            self.hi[("y", name)] = self.hi[("x", name)].transpose(-1, -2)
 
     def maps(self, names: list[str]) -> dict[str, RFMap]:
         s = self.size
@@ -240,14 +253,40 @@ def receptive_field_maps(model, layers: list[str], input_size: int, device="cpu"
     chunk = int(chunk or _default_chunk(device))
     sur = _surrogate(module, device, torch.float32)
     if _is_linear(sur, names, s, device, torch.float32):
-        ext = _sweep_linear(sur, names, s, device, torch.float32, chunk)
+        axes = ("x",) if _is_transposable(sur, names, s, device) else ("x", "y")
+        ext = _sweep_linear(sur, names, s, device, torch.float32, chunk, axes)
         if ext.tiny < 1e-30:
-            ext = _sweep_linear(sur.to(torch.float64), names, s, device, torch.float64, chunk)
+            ext = _sweep_linear(sur.to(torch.float64), names, s, device, torch.float64, chunk, axes)
+        if axes == ("x",):
+            ext.transpose_x_to_y(names)
         return ext.maps(names)
     return _sweep_jvp(sur.to(torch.float64), names, s, device, chunk).maps(names)
 
 
-def _sweep_linear(sur, names, s, device, dtype, chunk) -> _Extents:
+def _is_transposable(sur: nn.Module, names: list[str], size: int, device) -> bool:
+    """Does the (linear) surrogate map a transposed input to transposed outputs at every layer asked
+    for? Then the unit at (y, x) depends on input row r exactly as the unit at (x, y) depends on input
+    column r, and the y sweep is the x sweep transposed: half the work. True for networks built of
+    square kernels, equal strides/paddings along both axes and pools alike (with the surrogate's
+    symmetric kernels); false e.g. with 1 x 7 convolutions, one-sided padding or non-square maps.
+    Checked at random points in float64, element by element (relative 1e-9): a linear map that
+    commutes with the transpose on random inputs does on all, and an asymmetry anywhere shows at
+    the outputs whose receptive field it lies in the middle of, at a relative size far above 1e-9."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, size, size, generator=gen, dtype=torch.float64) + 0.5
+    x = torch.cat([a, a.transpose(-1, -2)]).to(device)
+    with torch.no_grad(), _Transparent(), hooked(copy.deepcopy(sur).double(), names) as run:
+        outs = run(x)
+    for out in outs.values():
+        if out.dim() != 4 or out.shape[-1] != out.shape[-2]:
+            return False
+        ref = out[:2].transpose(-1, -2)
+        if not (torch.isfinite(out).all() and ((out[2:] - ref).abs() <= 1e-9 * ref.abs() + 1e-300).all()):
+            return False
+    return True
+
+
+def _sweep_linear(sur, names, s, device, dtype, chunk, axes=("x", "y")) -> _Extents:
     ext = _Extents(s, device)
     # channels_last: the same values, about 1.4x faster convolutions on CPU (BENCHMARKS.md)
     fmt = torch.channels_last
@@ -257,7 +296,7 @@ def _sweep_linear(sur, names, s, device, dtype, chunk) -> _Extents:
         ext.update(name, out, out.shape)
 
     with torch.no_grad(), _Transparent(), hooked(sur, names, on_output) as run:
-        for axis in ("x", "y"):
+        for axis in axes:
             for start in range(0, s, chunk):
                 n = min(chunk, s - start)
                 ext.axis, ext.start = axis, start

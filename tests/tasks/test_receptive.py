@@ -210,3 +210,34 @@ def test_one_sweep_of_every_layer_equals_each_layer_alone(lite0):
             assert np.array_equal(a, b), name
     assert together["_fc"].shape == (1, 1) and together["_fc"].box(0, 0) == (0, 0, 64, 64)
     assert together["_blocks.1"].box(0, 0)[2] < 64          # an early layer sees part of the input
+
+
+def test_transposed_sweep_equals_sweeping_both_axes(lite0, monkeypatch):
+    """A transposable network (square kernels, the same geometry along x and y) is swept along x
+    only, its y extents the x extents transposed; that equals sweeping both axes."""
+    layers = ["_conv_stem", "_blocks.1", "_blocks.5", "_blocks.10", "_conv_head"]
+    assert receptive._is_transposable(receptive._surrogate(lite0.module, "cpu"), layers, 64, "cpu")
+    swept = []
+    real = receptive._sweep_linear
+    monkeypatch.setattr(receptive, "_sweep_linear", lambda *a, **k: swept.append(a[-1]) or real(*a, **k))
+    half = receptive_field_maps(lite0.module, layers, 64)
+    monkeypatch.setattr(receptive, "_is_transposable", lambda *a: False)
+    full = receptive_field_maps(lite0.module, layers, 64)
+    assert swept == [("x",), ("x", "y")]
+    for name in layers:
+        for a, b in zip((half[name].x0, half[name].y0, half[name].x1, half[name].y1),
+                        (full[name].x0, full[name].y0, full[name].x1, full[name].y1)):
+            assert np.array_equal(a, b), name
+
+
+@pytest.mark.parametrize("net", ["wide", "one_sided_pad", "strided_x"])
+def test_networks_unlike_along_x_and_y_sweep_both_axes(net):
+    m = {"wide": nn.Sequential(nn.Conv2d(3, 3, (1, 7), padding=(0, 3)), nn.Conv2d(3, 3, 3, padding=1)),
+         "one_sided_pad": nn.Sequential(nn.ZeroPad2d((1, 0, 0, 1)), nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 3)),
+         "strided_x": nn.Sequential(nn.Conv2d(3, 3, 3, stride=(1, 2)), nn.Conv2d(3, 3, 3))}[net].eval()
+    names = [str(len(m) - 1)]
+    assert not receptive._is_transposable(receptive._surrogate(m, "cpu"), names, 16, "cpu")
+    rf = receptive_field_maps(m, names, 16)[names[0]]
+    if net == "one_sided_pad":    # padded left and bottom by one, then two valid k3 convs: 13 x 13
+        assert rf.shape == (13, 13)
+        assert_map(rf, 16, fy=lambda i: (i, i + 5), fx=lambda j: (j - 1, j + 4))
