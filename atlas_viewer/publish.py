@@ -29,6 +29,7 @@ import io
 import json
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +163,37 @@ def _tile(data: bytes, tile: int) -> Image.Image | None:
     return im
 
 
+class _TileCache:
+    """Decoded tiles by object key, the least recently used dropped beyond `size` (12 KiB each at
+    64 px). In a full-network atlas most units of the deep layers show the same few whole-image
+    crops: each is fetched and decoded once per publish, not once per unit."""
+
+    def __init__(self, size: int = 4096):
+        self.size, self.tiles = size, OrderedDict()
+
+    def get_many(self, store: Store, keys: list[str], tile: int) -> dict:
+        out = {k: self.tiles[k] for k in dict.fromkeys(keys) if k in self.tiles}
+        for k in out:
+            self.tiles.move_to_end(k)
+        missing = [k for k in dict.fromkeys(keys) if k not in out]
+
+        def load(key):
+            data = store.get_or_none(key)
+            return _tile(data, tile) if data is not None else None
+        # fetches overlap (an S3 store is latency-bound), decoding releases the GIL
+        for k, im in zip(missing, _pool().map(load, missing)):
+            out[k] = self.tiles[k] = im
+        while len(self.tiles) > self.size:
+            self.tiles.popitem(last=False)
+        return out
+
+
 def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], present: list[int],
-                   tile: int, per_sheet: int) -> tuple[list[str | None], list[int]]:
+                   tile: int, per_sheet: int, cache: _TileCache | None = None) -> tuple[list[str | None], list[int]]:
     """Sheets of the units' optimized images; returns (sheet file names or None, present flags
     after decoding: a damaged PNG counts as missing)."""
     cols = int(math.ceil(math.sqrt(per_sheet)))
+    cache = cache or _TileCache()
     names: list[str | None] = []
     ok = list(present)
     for n, start in enumerate(range(0, len(keys), per_sheet)):
@@ -174,13 +201,10 @@ def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], 
         rows = int(math.ceil(len(chunk) / cols))
         sheet = Image.new("RGB", (min(len(chunk), cols) * tile, rows * tile), (0, 0, 0))
         any_tile = False
-
-        def load(key):
-            data = store.get_or_none(key)
-            return _tile(data, tile) if data is not None else None
         todo = [(j, key) for j, key in enumerate(chunk) if ok[start + j]]
-        # fetches overlap (an S3 store is latency-bound), decoding releases the GIL; order is kept
-        for (j, _), im in zip(todo, _pool().map(load, [key for _, key in todo])):
+        tiles = cache.get_many(store, [key for _, key in todo], tile)
+        for j, key in todo:
+            im = tiles[key]
             if im is None:
                 ok[start + j] = 0
                 continue
@@ -221,12 +245,23 @@ def _topk_rows(table, units: list[int], present: set[str], images: dict[str, int
     return out
 
 
+class _AnyOf:
+    """`key in _AnyOf(a, b)`: in a or in b."""
+
+    def __init__(self, *sets):
+        self.sets = sets
+
+    def __contains__(self, key) -> bool:
+        return any(key in s for s in self.sets)
+
+
 def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units_rows: dict | None,
                 topk_rows: list[dict] | None, failed: dict, histories: dict, tile: int, per_sheet: int,
-                version: str, crops_present: set[str]) -> tuple[dict, dict]:
+                version: str, crops_present: set[str], cache: _TileCache | None = None) -> tuple[dict, dict]:
     name = l["name"]
     units = [int(u) for u in (l.get("selected") or range(l["units"]))]
-    present = set(store.list(f"units/{name}/")) | crops_present
+    # a view of both sets, not their union: copying the shared crops' set per layer cost more than the layer
+    present = _AnyOf(set(store.list(f"units/{name}/")), crops_present)
     schema = int(manifest.get("schema_version") or 1)
     model = manifest.get("model") or {}
     labels = model.get("labels")
@@ -248,7 +283,7 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
     for v in data["views"]:
         keys = _view_keys(name, v, units, topk_rows, schema)
         flags = [int(k in present) for k in keys]
-        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, keys, flags, tile, per_sheet)
+        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, keys, flags, tile, per_sheet, cache)
     for p in presets:
         if urows is not None:
             data["opt"][p] = [_num((urows.get(u) or {}).get(f"opt_{p}")) for u in units]
@@ -346,10 +381,11 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     old = set(store.list(f"{DATA}/"))
     written = set()
     layers = []
+    cache = _TileCache()            # shared by the layers: their top crops repeat across layers too
     for l in manifest.get("layers", []):
         data, summary = _layer_data(store, manifest, l, presets, units_rows,
                                     None if topk_by_layer is None else topk_by_layer.get(l["name"], []),
-                                    failed, histories, tile, per_sheet, version, crops_present)
+                                    failed, histories, tile, per_sheet, version, crops_present, cache)
         key = layer_data_key(l["name"])
         store.put(key, _dumps(data))
         written.add(key)

@@ -162,3 +162,33 @@ def test_publish_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert isinstance(facts["store"], LocalStore)
+
+
+def test_sprites_fetch_and_decode_a_shared_crop_once(tmp_path):
+    """Deep layers' top crops are mostly the same whole images: a sheet of 300 units showing 3
+    distinct crops reads 3 objects, and a second layer sharing them reads none; the pixels are the
+    crops' own."""
+    class Counting(LocalStore):
+        gets: list = []
+
+        def get_or_none(self, key):
+            self.gets.append(key)
+            return super().get_or_none(key)
+
+    store = Counting(str(tmp_path))
+    colors = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
+    keys = []
+    for i, c in enumerate(colors):
+        buf = __import__("io").BytesIO()
+        Image.new("RGB", (224, 224), c).save(buf, format="PNG")
+        keys.append(f"crops/{i}.png")
+        store.put(keys[-1], buf.getvalue())
+    view = [keys[u % 3] for u in range(300)]
+    cache = pub._TileCache()
+    for layer in ("a", "b"):
+        names, ok = pub._write_sprites(store, layer, "top-0", view, [1] * 300, 8, 256, cache)
+        assert ok == [1] * 300 and len(names) == 2
+    assert sorted(Counting.gets) == sorted(keys)
+    sheet = Image.open(tmp_path / pub.sprite_key("b", "top-0", 1)).convert("RGB")
+    for j in range(300 - 256):                    # the second sheet: units 256.. in 16 columns
+        assert sheet.getpixel(((j % 16) * 8 + 4, (j // 16) * 8 + 4)) == colors[(256 + j) % 3]
