@@ -44,14 +44,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+# torch's own default thread count, read before any test or fixture could change it (a module-scoped
+# fixture that runs an in-process ShardWorker runs before a function fixture's setup)
+import torch as _torch  # noqa: E402
+_TORCH_THREADS = _torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """An in-process ShardWorker sets torch's thread count for its actor (1 on CPU); later tests in
-    the session must not inherit it: oneDNN's rounding (and so a marginal optimization) depends on it."""
-    import sys
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch is not None else None
+    the session must not inherit it: oneDNN's rounding (and so a marginal optimization) depends on
+    it, and a suite left at 1 thread ran its optimization tests at half speed. Every test ends at
+    torch's default, read before any test could change it."""
     yield
-    torch = sys.modules.get("torch")
-    if torch is not None and before is not None and torch.get_num_threads() != before:
-        torch.set_num_threads(before)
+    if _torch.get_num_threads() != _TORCH_THREADS:
+        _torch.set_num_threads(_TORCH_THREADS)
