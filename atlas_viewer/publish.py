@@ -54,7 +54,18 @@ def layer_data_key(layer: str) -> str:
 
 
 def sprite_key(layer: str, preset: str, n: int) -> str:
-    return f"{DATA}/sprites/{layer}/{preset}-{n}.png"
+    """A sheet of a grid view: PNG for the presets' images, JPEG for the top-0 view, whose tiles are
+    JPEG crops already (a 1024 px sheet: 2 ms to encode against 120 ms as PNG, a fifth of the bytes)."""
+    return f"{DATA}/sprites/{layer}/{preset}-{n}.{'jpg' if preset == TOP_VIEW else 'png'}"
+
+
+def _encode_sheet(sheet: Image.Image, view: str) -> bytes:
+    buf = io.BytesIO()
+    if view == TOP_VIEW:
+        sheet.save(buf, format="JPEG", quality=90)
+    else:   # level 1: half the time of 6 for 2% more bytes on these sheets
+        sheet.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- small helpers
@@ -152,6 +163,7 @@ def _view_keys(layer: str, view: str, units: list[int], topk_rows: list[dict] | 
 def _tile(data: bytes, tile: int) -> Image.Image | None:
     try:
         im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (tile, tile))   # a JPEG decodes at 1/2..1/8 scale when that still covers the tile
         im.load()
     except Exception:  # a damaged image is shown as missing, it does not stop the publish
         return None
@@ -195,6 +207,7 @@ def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], 
     cols = int(math.ceil(math.sqrt(per_sheet)))
     cache = cache or _TileCache()
     names: list[str | None] = []
+    writes = []
     ok = list(present)
     for n, start in enumerate(range(0, len(keys), per_sheet)):
         chunk = keys[start:start + per_sheet]
@@ -213,11 +226,12 @@ def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], 
         if not any_tile:
             names.append(None)
             continue
-        buf = io.BytesIO()
-        sheet.save(buf, format="PNG", compress_level=6)
         key = sprite_key(layer, view, n)
-        store.put(key, buf.getvalue())
+        # encoding releases the GIL: sheets are encoded and written on the pool, side by side
+        writes.append(_pool().submit(lambda k=key, im=sheet: store.put(k, _encode_sheet(im, view))))
         names.append(key.rsplit("/", 1)[1])
+    for w in writes:
+        w.result()
     return names, ok
 
 
@@ -248,11 +262,12 @@ def _topk_rows(table, units: list[int], present: set[str], images: dict[str, int
 class _AnyOf:
     """`key in _AnyOf(a, b)`: in a or in b."""
 
-    def __init__(self, *sets):
-        self.sets = sets
+    def __init__(self, a: set, b: set):
+        self.sets = (a, b)
 
     def __contains__(self, key) -> bool:
-        return any(key in s for s in self.sets)
+        a, b = self.sets
+        return key in a or key in b
 
 
 def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units_rows: dict | None,

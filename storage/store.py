@@ -125,11 +125,13 @@ class LocalStore(Store):
         if not start.is_dir():
             return []
         out = []
+        root = os.path.join(str(self.root), "")          # os.walk's paths start with it: slice, no relpath
         for dirpath, _dirs, files in os.walk(start):
+            d = os.path.join(dirpath, "")[len(root):].replace(os.sep, "/")
             for f in files:
                 if f.startswith(".tmp-"):
                     continue
-                rel = os.path.relpath(os.path.join(dirpath, f), self.root).replace(os.sep, "/")
+                rel = d + f
                 if rel.startswith(prefix):
                     out.append(rel)
         return sorted(out)
