@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepvis-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-benchmarks bench clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -16,6 +16,10 @@ demo: setup
 
 test: setup
 	bash scripts/test.sh
+
+# the slow quality runs marked @pytest.mark.benchmark (left out of `make test`)
+test-benchmarks: setup
+	bash scripts/test.sh -m benchmark
 
 bench: setup
 	$(PY) bench/optimize.py

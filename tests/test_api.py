@@ -116,7 +116,7 @@ def test_readme_example(readme_run):
 
 
 def test_units_to_pandas(readme_run):
-    pd = pytest.importorskip("pandas")
+    import pandas as pd   # the [test] extra installs it (users need it only for .to_pandas())
     df = readme_run[1]["atlas"].units().to_pandas()
     assert isinstance(df, pd.DataFrame) and list(df["unit"]) == [966, 967]
 

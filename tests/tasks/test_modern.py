@@ -147,6 +147,7 @@ def test_tune_scores_and_ranks(lite0):
     assert score([1.0, 3.0], [0.5, 2.0], [4.0]) == pytest.approx(1.5 * 0.75 / 4.0)
 
 
+@pytest.mark.benchmark   # 1,500 steps at 128 px: 3-5 minutes on 2 cores (`make test-benchmarks`)
 @pytest.mark.skipif(not DATASET.is_dir(), reason="needs the imagenet-sample dataset")
 def test_paper_progress_presets_beat_the_dataset_at_their_own_steps(lite0):
     """yosinski-1 (500 steps) and yosinski-4 (1000) at 128 px reach the best sample photo's class logit
