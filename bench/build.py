@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -98,7 +99,26 @@ def timed_build(cfg: BuildConfig) -> dict:
             "records": [r - start for r in recs], "summary": summary}
 
 
-def main(argv=None) -> int:
+@dataclass
+class Measured:
+    """Everything one run of this bench measured (seconds unless named otherwise)."""
+    t_plan: float = 0.0
+    shards: list = field(default_factory=list)
+    n_units: int = 0
+    n_img: int = 0
+    t_load: float = 0.0
+    t_cold: float = 0.0
+    bare: dict = field(default_factory=dict)        # torch threads -> best wall seconds
+    bare_cpu: dict = field(default_factory=dict)    # torch threads -> its CPU seconds
+    t_png: float = 0.0
+    t_ray: float = 0.0
+    t_ray_stop: float = 0.0
+    builds: dict = field(default_factory=dict)      # actors -> best timed_build (+ best_shards)
+    t_import: float = float("nan")
+    load: tuple = (float("nan"), float("nan"))
+
+
+def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--layer", default="_blocks.5")
@@ -111,115 +131,143 @@ def main(argv=None) -> int:
                    help="builds: run each (1 and 2 actors, interleaved) this many times, keep the best")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to update")
     p.add_argument("--no-write", action="store_true", help="print the table only")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import ray
 
+def say(*m) -> None:
+    print(*m, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
     load_start = load()
-    say = lambda *m: print(*m, file=sys.stderr, flush=True)  # noqa: E731
     tmp = Path(tempfile.mkdtemp(prefix="bench-build-"))
     base = dict(model=a.model, layers=a.layer, units=a.units, presets=PRESET, steps=a.steps, size=a.size,
                 shard_units=a.shard_units, dataset=None, progress=False)
+    m = Measured()
     try:
-        # ------------------------------------------------ the shards a build makes (driver plan, timed)
+        # the shards a build makes (driver plan, timed)
         t = time.perf_counter()
         plan = make_plan(BuildConfig(**base, actors=1, out=str(tmp / "plan")))
         make_shards(plan, gpu=False)
-        t_plan = time.perf_counter() - t
-        shards = plan.opt_shards
-        n_units = sum(len(s["units"]) for s in shards)
-        presets = [get_preset(n) for n in shards[0]["presets"]]
-        n_img = n_units * len(presets)
-        say(f"{len(shards)} shards, {n_units} units x {len(presets)} preset(s); plan {t_plan:.2f}s")
-
-        # ------------------------------------------------ bare loop, 1 then 2 threads
-        torch.set_num_threads(1)
-        t = time.perf_counter()
-        lm = load_model(a.model, device="cpu")
-        t_load = time.perf_counter() - t
-        t_cold, results = bare_loop(lm, shards, presets, a.model)    # first run: also the warm-up
-        bare, bare_cpu = {}, {}
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            if threads != 1:
-                bare_loop(lm, shards[:1], presets, a.model)           # warm-up at this thread count
-            times, spent = [], time.perf_counter()
-            for _ in range(max(1, a.repeat)):
-                c = time.process_time()
-                times.append((bare_loop(lm, shards, presets, a.model)[0], time.process_time() - c))
-                if time.perf_counter() - spent > 30:                  # a busy machine: do not repeat forever
-                    break
-            bare[threads], bare_cpu[threads] = min(times)
-            say(f"bare loop, {threads} thread(s): {bare[threads]:.2f}s (CPU {bare_cpu[threads]:.2f}s), "
-                f"{n_units / bare[threads]:.2f} units/s")
-        torch.set_num_threads(1)
-        # what each actor adds per image besides optimize_units: display image + PNG encode (+ a file write)
-        t = time.perf_counter()
-        for r in results:
-            buf = io.BytesIO()
-            to_pil(display_image(r.image, lm.preprocessing)).save(buf, format="PNG")
-        t_png = time.perf_counter() - t
-        del lm
-
-        # ------------------------------------------------ Ray cluster, started once
-        t = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
-        t_ray = time.perf_counter() - t
-        say(f"ray.init: {t_ray:.2f}s")
-        runs: dict[int, list[dict]] = {1: [], 2: []}
-        try:
-            for r in range(max(1, a.build_repeat)):
-                for n in (1, 2):
-                    b = timed_build(BuildConfig(**base, actors=n, out=str(tmp / f"atlas-{n}-{r}")))
-                    runs[n].append(b)
-                    say(f"run_build, {n} actor(s): {b['wall']:.2f}s (startup {b['startup']:.2f}s, shards "
-                        f"{b['shards']:.2f}s, tail {b['tail']:.2f}s); records at "
-                        + ", ".join(f"{x:.2f}" for x in b["records"]))
-        finally:
-            t = time.perf_counter()
-            ray.shutdown()
-            t_ray_stop = time.perf_counter() - t
-        # the best run (by wall time) of each, its phases; "shards only" is the best over all runs
-        builds = {n: {**min(rs, key=lambda b: b["wall"]), "best_shards": min(b["shards"] for b in rs)}
-                  for n, rs in runs.items()}
-        # what a fresh actor process pays on its first shard: ShardWorker._optimize imports
-        # tasks.optimize and tasks.preprocess lazily (torchvision, and with it torch._dynamo)
-        code = ("import time, torch; t = time.perf_counter(); import deepvis.tasks.optimize, tasks.preprocess; "
-                "print(time.perf_counter() - t)")
-        try:
-            t_import = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                                            text=True, timeout=120, check=True).stdout.strip())
-        except (subprocess.SubprocessError, ValueError):
-            t_import = float("nan")
+        m.t_plan, m.shards = time.perf_counter() - t, plan.opt_shards
+        m.n_units = sum(len(s["units"]) for s in m.shards)
+        presets = [get_preset(n) for n in m.shards[0]["presets"]]
+        m.n_img = m.n_units * len(presets)
+        say(f"{len(m.shards)} shards, {m.n_units} units x {len(presets)} preset(s); plan {m.t_plan:.2f}s")
+        _measure_bare(a, m, presets)
+        _measure_builds(a, m, base, tmp)
+        m.t_import = _import_seconds()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    load_end = load()
+    m.load = (load_start, load())
+    body = _report(a, m, argv)
+    print(body)
+    if not a.no_write:
+        write_section(Path(a.out), body)
+        print(f"wrote the {SECTION!r} section of {a.out}", file=sys.stderr)
+    return 0
 
-    ref = n_units / bare[1]
+
+def _measure_bare(a, m: Measured, presets) -> None:
+    """The bare loop, 1 then 2 threads, and the PNG encode each actor adds per image."""
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    lm = load_model(a.model, device="cpu")
+    m.t_load = time.perf_counter() - t
+    m.t_cold, results = bare_loop(lm, m.shards, presets, a.model)    # first run: also the warm-up
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        if threads != 1:
+            bare_loop(lm, m.shards[:1], presets, a.model)           # warm-up at this thread count
+        times, spent = [], time.perf_counter()
+        for _ in range(max(1, a.repeat)):
+            c = time.process_time()
+            times.append((bare_loop(lm, m.shards, presets, a.model)[0], time.process_time() - c))
+            if time.perf_counter() - spent > 30:                  # a busy machine: do not repeat forever
+                break
+        m.bare[threads], m.bare_cpu[threads] = min(times)
+        say(f"bare loop, {threads} thread(s): {m.bare[threads]:.2f}s (CPU {m.bare_cpu[threads]:.2f}s), "
+            f"{m.n_units / m.bare[threads]:.2f} units/s")
+    torch.set_num_threads(1)
+    # what each actor adds per image besides optimize_units: display image + PNG encode (+ a file write)
+    t = time.perf_counter()
+    for r in results:
+        buf = io.BytesIO()
+        to_pil(display_image(r.image, lm.preprocessing)).save(buf, format="PNG")
+    m.t_png = time.perf_counter() - t
+
+
+def _measure_builds(a, m: Measured, base: dict, tmp: Path) -> None:
+    """run_build with 1 and 2 actors, interleaved, on a Ray cluster started once."""
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    m.t_ray = time.perf_counter() - t
+    say(f"ray.init: {m.t_ray:.2f}s")
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    try:
+        for r in range(max(1, a.build_repeat)):
+            for n in (1, 2):
+                b = timed_build(BuildConfig(**base, actors=n, out=str(tmp / f"atlas-{n}-{r}")))
+                runs[n].append(b)
+                say(f"run_build, {n} actor(s): {b['wall']:.2f}s (startup {b['startup']:.2f}s, shards "
+                    f"{b['shards']:.2f}s, tail {b['tail']:.2f}s); records at "
+                    + ", ".join(f"{x:.2f}" for x in b["records"]))
+    finally:
+        t = time.perf_counter()
+        ray.shutdown()
+        m.t_ray_stop = time.perf_counter() - t
+    # the best run (by wall time) of each, its phases; "shards only" is the best over all runs
+    m.builds = {n: {**min(rs, key=lambda b: b["wall"]), "best_shards": min(b["shards"] for b in rs)}
+                for n, rs in runs.items()}
+
+
+def _import_seconds() -> float:
+    """What a fresh actor process pays on its first shard: ShardWorker._optimize imports
+    tasks.optimize and tasks.preprocess lazily (torchvision, and with it torch._dynamo)."""
+    code = ("import time, torch; t = time.perf_counter(); import deepvis.tasks.optimize, deepvis.tasks.preprocess; "
+            "print(time.perf_counter() - t)")
+    try:
+        return float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=120, check=True).stdout.strip())
+    except (subprocess.SubprocessError, ValueError):
+        return float("nan")
+
+
+def _table(m: Measured) -> list[str]:
+    ref = m.n_units / m.bare[1]
     rows = [  # (method, actors, seconds)
-        ("bare loop, 1 thread (after warm-up)", "-", bare[1]),
-        ("bare loop, 2 threads (after warm-up)", "-", bare[2]),
-        ("bare loop, 1 thread: model load + first run", "-", t_load + t_cold),
+        ("bare loop, 1 thread (after warm-up)", "-", m.bare[1]),
+        ("bare loop, 2 threads (after warm-up)", "-", m.bare[2]),
+        ("bare loop, 1 thread: model load + first run", "-", m.t_load + m.t_cold),
     ]
     for n in (1, 2):
-        b = builds[n]
+        b = m.builds[n]
         rows += [("run_build: whole build", str(n), b["wall"]),
                  ("run_build: shards only (actors ready → last record)", str(n), b["best_shards"])]
     lines = ["| method | actors | units | seconds | units/s | vs bare loop (1 thread) |",
              "|---|---|---|---|---|---|"]
-    for m, n, s in rows:
-        lines.append(f"| {m} | {n} | {n_units} | {s:.2f} | {n_units / s:.3g} | {n_units / s / ref:.2f}x |")
-    lines.append(f"| ray.init (local cluster, 2 CPUs), once, not in the rows above | - | - | {t_ray:.2f} | - | - |")
+    for meth, n, s in rows:
+        lines.append(f"| {meth} | {n} | {m.n_units} | {s:.2f} | {m.n_units / s:.3g} | {m.n_units / s / ref:.2f}x |")
+    lines.append(f"| ray.init (local cluster, 2 CPUs), once, not in the rows above | - | - | {m.t_ray:.2f} | - | - |")
+    return lines
 
+
+def _report(a, m: Measured, argv) -> str:
+    import ray
+
+    b = m.builds
     phases = "; ".join(
-        f"{n} actor(s): startup {builds[n]['startup']:.2f} s (driver plan with its model load, then the "
-        f"actor{'s' if n > 1 else ''} started and loading the model), shards {builds[n]['shards']:.2f} s, "
-        f"tail {builds[n]['tail']:.2f} s (pool shutdown, units table, manifest, viewer)" for n in (1, 2))
-    per_shard = "; ".join(f"{n} actor(s): " + ", ".join(f"{r:.2f}" for r in builds[n]["records"]) for n in (1, 2))
+        f"{n} actor(s): startup {b[n]['startup']:.2f} s (driver plan with its model load, then the "
+        f"actor{'s' if n > 1 else ''} started and loading the model), shards {b[n]['shards']:.2f} s, "
+        f"tail {b[n]['tail']:.2f} s (pool shutdown, units table, manifest, viewer)" for n in (1, 2))
+    per_shard = "; ".join(f"{n} actor(s): " + ", ".join(f"{r:.2f}" for r in b[n]["records"]) for n in (1, 2))
     cmd = "python bench/build.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = "\n".join([
-        f"Optimization pass of `{a.model}` layer `{a.layer}`, units `{a.units}` ({n_units} units, preset "
-        f"`{PRESET}`, {a.steps} steps, {a.size} px, {a.shard_units} units per shard = {len(shards)} shards), "
+        f"Optimization pass of `{a.model}` layer `{a.layer}`, units `{a.units}` ({m.n_units} units, preset "
+        f"`{PRESET}`, {a.steps} steps, {a.size} px, {a.shard_units} units per shard = {len(m.shards)} shards), "
         f"units/s. *bare loop*: `tasks.optimize.optimize_units` over the same shards in a plain Python loop, "
         f"model loaded once in the process (best of {a.repeat} after a warm-up). *run_build* (best of "
         f"{a.build_repeat}, 1 and 2 actors interleaved): "
@@ -230,32 +278,28 @@ def main(argv=None) -> int:
         f"one: compare 2 actors with the 2-thread bare loop too.",
         "",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
-        f"{torch.__version__}, ray {ray.__version__}; load average (1 min) {load_start:.1f} at the start, "
-        f"{load_end:.1f} at the end",
+        f"{torch.__version__}, ray {ray.__version__}; load average (1 min) {m.load[0]:.1f} at the start, "
+        f"{m.load[1]:.1f} at the end",
         f"- date: {dt.date.today().isoformat()}; command: `{cmd.strip()}`",
         "",
-        *lines,
+        *_table(m),
         "",
         f"Where a build's time goes: {phases}. The driver's plan alone (model load, layer resolution, "
-        f"shards) took {t_plan:.2f} s here; the bare loop's model load {t_load:.2f} s. Completion records, "
+        f"shards) took {m.t_plan:.2f} s here; the bare loop's model load {m.t_load:.2f} s. Completion records, "
         f"seconds after the actors were ready (best run): {per_shard} (the first shard of each actor "
         f"includes its first call: in a fresh process, importing `tasks.optimize` + `tasks.preprocess` after torch, "
-        f"which `ShardWorker._optimize` does lazily, takes {t_import:.2f} s, mostly torchvision pulling "
+        f"which `ShardWorker._optimize` does lazily, takes {m.t_import:.2f} s, mostly torchvision pulling "
         f"in `torch._dynamo`). Per image the actors also make the display image and encode a PNG: "
-        f"{1000 * t_png / n_img:.1f} ms per image here ({t_png:.2f} s for {n_img}). Ray shutdown: "
-        f"{t_ray_stop:.2f} s.",
+        f"{1000 * m.t_png / m.n_img:.1f} ms per image here ({m.t_png:.2f} s for {m.n_img}). Ray shutdown: "
+        f"{m.t_ray_stop:.2f} s.",
     ])
-    if bare[2] > bare[1]:
-        body += (f"\n\nThe bare loop was slower with 2 threads than with 1 ({bare[2]:.2f} s wall, {bare_cpu[2]:.2f} s "
-                 f"CPU, against {bare[1]:.2f} s wall, {bare_cpu[1]:.2f} s CPU): at this size every op is tiny and "
+    if m.bare[2] > m.bare[1]:
+        body += (f"\n\nThe bare loop was slower with 2 threads than with 1 ({m.bare[2]:.2f} s wall, {m.bare_cpu[2]:.2f} s "
+                 f"CPU, against {m.bare[1]:.2f} s wall, {m.bare_cpu[1]:.2f} s CPU): at this size every op is tiny and "
                  f"ends at a barrier of torch's OpenMP pool, where one thread spins while the other waits for a "
                  f"core, so any other process on this 2-core machine multiplies the time. The actors' 1 thread "
                  f"each avoids that; rerun on an idle machine for a fair 2-thread baseline.")
-    print(body)
-    if not a.no_write:
-        write_section(Path(a.out), body)
-        print(f"wrote the {SECTION!r} section of {a.out}", file=sys.stderr)
-    return 0
+    return body
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
     args = ap.parse_args()
-    import torch
     from PIL import Image
 
     from deepvis.atlas_viewer.live.server import make_server
@@ -62,55 +61,71 @@ def main() -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
     load_before = os.getloadavg()[0]
-
-    def bare_ms(n):
-        with torch.no_grad():
-            lm.module(x)
-            t = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                lm.module(x)
-                t.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(t)
-
-    rows = []
     conn = http.client.HTTPConnection(host, port, timeout=60)
-    for layer in LAYERS:
-        def one():
-            conn.request("POST", f"/api/frame?layer={layer}&unit=0&client=bench", body=body)
-            d = json.loads(conn.getresponse().read())
-            Image.open(io.BytesIO(base64.b64decode(d["grid"].split(",", 1)[1]))).load()
-            return d
-        for _ in range(3):
-            d = one()
-        t0 = time.perf_counter()
-        splits = [one()["ms"] for _ in range(args.frames)]
-        wall = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(5):
-            conn.request("POST", f"/api/gradient?layer={layer}&unit=0", body=body)
-            conn.getresponse().read()
-        grad_ms = (time.perf_counter() - t1) / 5 * 1e3
-        rows.append({"layer": layer, "shape": "×".join(map(str, d["shape"])),
-                     "grid": f"{d['rows']}×{d['cols']}", "fps": args.frames / wall,
-                     "ms": wall / args.frames * 1e3,
-                     "model": statistics.median(s["model"] for s in splits),
-                     "decode": statistics.median(s["decode"] for s in splits),
-                     "encode": statistics.median(s["encode"] for s in splits),
-                     "bare": bare_ms(10), "grad": grad_ms})
+    rows = [_measure_layer(conn, layer, body, args.frames, lambda: _bare_ms(lm, x, 10)) for layer in LAYERS]
     conn.close()
     server.shutdown()
-    load_after = os.getloadavg()[0]
+    text = _report(rows, args.frames, len(body), (load_before, os.getloadavg()[0]))
+    print(text)
+    if args.write:
+        from bench.benchmd import replace_section
+        replace_section(ROOT / "BENCHMARKS.md", HEADING, text)
+    return 0
+
+
+def _bare_ms(lm, x, n: int) -> float:
+    """Median ms of the bare model(x), after one warm-up call."""
+    import torch
+
+    with torch.no_grad():
+        lm.module(x)
+        t = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            lm.module(x)
+            t.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(t)
+
+
+def _measure_layer(conn, layer: str, body: bytes, frames: int, bare_ms) -> dict:
+    """Frames/s of one layer end to end, the server's split, one gradient request, the bare forward."""
+    from PIL import Image
+
+    def one():
+        conn.request("POST", f"/api/frame?layer={layer}&unit=0&client=bench", body=body)
+        d = json.loads(conn.getresponse().read())
+        Image.open(io.BytesIO(base64.b64decode(d["grid"].split(",", 1)[1]))).load()
+        return d
+    for _ in range(3):
+        d = one()
+    t0 = time.perf_counter()
+    splits = [one()["ms"] for _ in range(frames)]
+    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(5):
+        conn.request("POST", f"/api/gradient?layer={layer}&unit=0", body=body)
+        conn.getresponse().read()
+    grad_ms = (time.perf_counter() - t1) / 5 * 1e3
+    return {"layer": layer, "shape": "×".join(map(str, d["shape"])),
+            "grid": f"{d['rows']}×{d['cols']}", "fps": frames / wall, "ms": wall / frames * 1e3,
+            "model": statistics.median(s["model"] for s in splits),
+            "decode": statistics.median(s["decode"] for s in splits),
+            "encode": statistics.median(s["encode"] for s in splits),
+            "bare": bare_ms(), "grad": grad_ms}
+
+
+def _report(rows: list[dict], frames: int, body_bytes: int, loads: tuple[float, float]) -> str:
+    import torch
 
     lines = [HEADING, "",
              f"`bench/live.py` ({dt.date.today()}): `deepvis live`'s server with the offline model "
-             f"(efficientnet_lite0, CPU), {args.frames} frames per layer sent one after another on one "
-             f"keep-alive HTTP connection, each a {len(body) // 1024} KiB 224×224 JPEG of a real ImageNet "
+             f"(efficientnet_lite0, CPU), {frames} frames per layer sent one after another on one "
+             f"keep-alive HTTP connection, each a {body_bytes // 1024} KiB 224×224 JPEG of a real ImageNet "
              f"photo; the client parses each answer and decodes its grid PNG, as the page does. *bare "
              f"forward* = `model(x)` on the same frame in the same run (the baseline: no HTTP, no hooks, no "
              f"grid). Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads); load average (1 min) "
-             f"{load_before:.1f} → {load_after:.1f}. Target: ≥ 5 frames/s.", "",
+             f"{loads[0]:.1f} → {loads[1]:.1f}. Target: ≥ 5 frames/s.", "",
              "| layer | output | grid | frames/s end to end | ms/frame | server: decode / model / encode ms "
              "| bare forward ms | gradient request ms |",
              "|---|---|---|---|---|---|---|---|"]
@@ -123,12 +138,7 @@ def main() -> int:
               "measured in the Playwright test on this machine, with Chromium on the same 2 CPUs). *gradient request*: "
               "the unit's gradient with respect to the frame, one HTTP request; its forward stops at the layer, so "
               "early layers cost a few ms (with a full forward it was 42–76 ms for every layer, same machine)."]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        from bench.benchmd import replace_section
-        replace_section(ROOT / "BENCHMARKS.md", HEADING, text)
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

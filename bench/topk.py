@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -186,7 +187,38 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_bench(args) -> dict:
+@dataclass
+class _Setup:
+    """What every row of run_bench shares: the device, the decode pool, the images, the model."""
+    device: str
+    batch: int
+    workers: int
+    procs: object                 # a spawn Pool, or None (threads)
+    ids: list
+    root: object
+    lm: object
+    infos: list
+    dataset_desc: str
+    tmp: str | None
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.infos]
+
+    def loader(self, pin: bool = False):
+        return Loader(self.root, self.ids, self.batch, self.lm.preprocessing, self.workers, pin=pin,
+                      procs=self.procs)
+
+    def close(self) -> None:
+        if self.procs is not None:
+            self.procs.close()
+            self.procs.join()
+        if self.tmp:
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _setup(args) -> _Setup:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (256 if device == "cuda" else 32)
     workers = args.workers or os.cpu_count() or 1
@@ -207,25 +239,24 @@ def run_bench(args) -> dict:
     else:
         source = args.dataset
         dataset_desc = f"`{os.path.relpath(source, ROOT)}`"
-    ids = list_images(source)[: args.limit or None]
-    root = dataset_root(source)
     lm = load_model(args.model, device=device)
-    model, pre = lm.module, lm.preprocessing
-    infos = resolve_layers(model, lm.input_size, None, device=device)
-    names = [i.name for i in infos]
-    units = sum(i.units for i in infos)
-    n_batches = (len(ids) + batch - 1) // batch
-    print(f"{args.model} on {device}: {len(infos)} layers, {units} units; {len(ids)} images, "
-          f"batch {batch}, {workers} decode {'processes' if procs else 'threads'}, {args.reducers} reducer threads"
-          f"{' (device-side)' if args.device_reduce else ''}",
-          flush=True)
+    infos = resolve_layers(lm.module, lm.input_size, None, device=device)
+    return _Setup(device, batch, workers, procs, list_images(source)[: args.limit or None], dataset_root(source),
+                  lm, infos, dataset_desc, tmp)
 
+
+def run_bench(args) -> dict:
+    s = _setup(args)
+    device, pre, model, names = s.device, s.lm.preprocessing, s.lm.module, s.names
+    units = sum(i.units for i in s.infos)
+    print(f"{args.model} on {device}: {len(s.infos)} layers, {units} units; {len(s.ids)} images, "
+          f"batch {s.batch}, {s.workers} decode {'processes' if s.procs else 'threads'}, {args.reducers} reducer "
+          f"threads{' (device-side)' if args.device_reduce else ''}", flush=True)
     # decode once, kept for the rows that start from decoded batches
     t = time.perf_counter()
-    decoded = list(Loader(root, ids, batch, pre, workers, procs=procs))
+    decoded = list(s.loader())
     t_decode = time.perf_counter() - t
     n = sum(len(k) for k, _ in decoded)
-    skipped = len(ids) - n
     if device == "cuda":
         decoded = [(k, x.pin_memory()) for k, x in decoded]
     warm = to_model_input(decoded[0][1], pre, device)
@@ -233,6 +264,30 @@ def run_bench(args) -> dict:
         model(warm)
         batch_unit_maxima(model, names, warm)
     sync(device)
+    result: dict = {}
+    times = _time_rows(_row_functions(s, args, decoded, result), args.repeat)
+    res = next(iter(result["reducers"].values())).result()
+    assert res["stats"]["count"] == n
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    info = {"device": device, "device_name": dev_name, "batch": s.batch, "workers": s.workers, "images": n,
+            "reducers": args.reducers, "device_reduce": bool(args.device_reduce),
+            "decode": "processes" if s.procs else "threads", "skipped": len(s.ids) - n,
+            "batches": (len(s.ids) + s.batch - 1) // s.batch, "layers": len(s.infos), "units": units,
+            "model": args.model, "dataset": s.dataset_desc, "load": load, "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": args.repeat,
+            "rows": {"decode only": t_decode, **times}}
+    s.close()
+    return info
+
+
+def _row_functions(s: _Setup, args, decoded: list, result: dict) -> list:
+    """(row name, function) for every timed row; `full` leaves its reducers in result['reducers']."""
+    device, pre, model, names = s.device, s.lm.preprocessing, s.lm.module, s.names
+    on_dev = bool(args.device_reduce)   # maxima stay on the GPU; RunningTopK reduces them there
 
     def bare():
         with torch.no_grad():
@@ -242,62 +297,37 @@ def run_bench(args) -> dict:
 
     def decode_bare():
         with torch.no_grad():
-            for _, x in Loader(root, ids, batch, pre, workers, pin=device == "cuda", procs=procs):
+            for _, x in s.loader(pin=device == "cuda"):
                 model(to_model_input(x, pre, device))
         sync(device)
-
-    on_dev = bool(args.device_reduce)   # maxima stay on the GPU; RunningTopK reduces them there
 
     def hooks_only():
         for _, x in decoded:
             batch_unit_maxima(model, names, to_model_input(x, pre, device), to_cpu=not on_dev)
         sync(device)
 
-    result = {}
-
-    def hooks_reduce():
-        red = Reducers(infos, args.reducers)
-        for keep, x in decoded:
+    def reduce(batches):
+        red = Reducers(s.infos, args.reducers)
+        for keep, x in batches:
             red.put(keep, batch_unit_maxima(model, names, to_model_input(x, pre, device), to_cpu=not on_dev))
-        red.close()
+        return red.close()
 
     def full():
-        red = Reducers(infos, args.reducers)
-        for keep, x in Loader(root, ids, batch, pre, workers, pin=device == "cuda", procs=procs):
-            red.put(keep, batch_unit_maxima(model, names, to_model_input(x, pre, device), to_cpu=not on_dev))
-        result["reducers"] = red.close()
+        result["reducers"] = reduce(s.loader(pin=device == "cuda"))
 
-    rows = {}
-    # interleave so that load drift on a shared machine hits every row alike
-    order = [("bare forward", bare), ("forward + hooks", hooks_only), ("hooks + reducers", hooks_reduce),
-             ("decode + bare", decode_bare), ("full pass", full)]
+    return [("bare forward", bare), ("forward + hooks", hooks_only), ("hooks + reducers", lambda: reduce(decoded)),
+            ("decode + bare", decode_bare), ("full pass", full)]
+
+
+def _time_rows(order: list, repeat: int) -> dict[str, float]:
+    """Best of `repeat` per row, interleaved so that load drift on a shared machine hits every row alike."""
     times = {k: float("inf") for k, _ in order}
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for k, fn in order:
             t0 = time.perf_counter()
             fn()
             times[k] = min(times[k], time.perf_counter() - t0)
-    rows["decode only"] = t_decode
-    rows.update(times)
-    res = next(iter(result["reducers"].values())).result()
-    assert res["stats"]["count"] == n
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = float("nan")
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
-    info = {"device": device, "device_name": dev_name, "batch": batch, "workers": workers, "images": n, "reducers": args.reducers, "device_reduce": bool(args.device_reduce), "decode": "processes" if procs else "threads",
-            "skipped": skipped, "batches": n_batches, "layers": len(infos), "units": units,
-            "model": args.model, "dataset": dataset_desc, "load": load, "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": args.repeat,
-            "rows": rows}
-    if procs is not None:
-        procs.close()
-        procs.join()
-    if tmp:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return info
+    return times
 
 
 def run_build_path(args) -> dict:

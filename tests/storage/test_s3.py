@@ -356,6 +356,58 @@ def test_server_stopped_then_restarted(own_s3_server, monkeypatch):
 
 
 # -- retries on throttling / 5xx, through a fault-injecting proxy ------------------------------------
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """FaultProxy's request handler (a subclass per proxy sets `proxy`)."""
+    protocol_version = "HTTP/1.1"
+    proxy: "FaultProxy"
+
+    def log_message(self, *a):
+        pass
+
+    def handle_one(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        if self.proxy.take(self.command, self.path):
+            self._fail()
+        else:
+            self._forward(body)
+
+    def _fail(self):
+        p = self.proxy
+        payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{p.code}</Code>'
+                   f'<Message>injected</Message></Error>').encode()
+        self.send_response(p.status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _forward(self, body: bytes):
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.upstream_port, timeout=30)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() in ("transfer-encoding", "connection"):
+                continue
+            if k.lower() == "content-length" and self.command != "HEAD":
+                continue
+            self.send_header(k, v)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
+
+
 class FaultProxy:
     """HTTP proxy in front of the S3 server: answers the next `fail_next` requests with an error
     (503 SlowDown by default), forwards the rest unchanged (Host included, so signatures hold)."""
@@ -366,61 +418,22 @@ class FaultProxy:
         self.failed = 0
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def handle_one(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
-                with proxy.lock:
-                    proxy.requests.append((self.command, self.path))
-                    fail = proxy.fail_next > 0
-                    if fail:
-                        proxy.fail_next -= 1
-                        proxy.failed += 1
-                if fail:
-                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{proxy.code}</Code>'
-                               f'<Message>injected</Message></Error>').encode()
-                    self.send_response(proxy.status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(payload)
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() in ("transfer-encoding", "connection"):
-                        continue
-                    if k.lower() == "content-length" and self.command != "HEAD":
-                        continue
-                    self.send_header(k, v)
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_one
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        handler = type("Handler", (_ProxyHandler,), {"proxy": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def take(self, command: str, path: str) -> bool:
+        """Record a request; True when it is to be failed."""
+        with self.lock:
+            self.requests.append((command, path))
+            fail = self.fail_next > 0
+            if fail:
+                self.fail_next -= 1
+                self.failed += 1
+        return fail
 
     def inject(self, n: int, status: int = 503, code: str = "SlowDown"):
         with self.lock:
