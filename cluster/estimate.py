@@ -26,11 +26,11 @@ class DeviceCosts:
     opt_image: float              # per optimized image: quality measures, display image, PNG encode
     opt_shard: float              # per optimization shard: setup, completion record
     image_forward: float          # one dataset image: decode + forward through every hooked layer + top-k
-    crop_sweep: float             # receptive-field sweep through the whole network (a layer's map costs
-                                  # its depth fraction of it, once per actor; shallower layers come free)
-    crop: float                   # one crop JPEG: crop + encode (its image decoded once per shard)
+    crop_sweep: float             # the receptive-field sweep of every layer, once per build (a CPU task
+                                  # using every core of its node: wall seconds)
+    crop: float                   # one top/bottom entry's share of cutting + encoding its crop
     crop_decode: float            # decoding one dataset image for crops
-    tile: float                   # viewer publish: decode + paste one unit image into a sprite sheet
+    tile: float                   # viewer publish, per unit and view: tile, sheet, layer JSON rows
     write_local: float            # one object put to a local directory
     write_s3: float               # one object put to S3 (small object, one PUT)
     topk_row: float               # driver: one top-k row (merge, crop boxes, topk.parquet, viewer JSON)
@@ -51,19 +51,21 @@ COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         name="cpu (x86_64, 1 torch thread per actor)",
         source="bench/dryrun.py --calibrate on a 2-core AMD EPYC, 2026-12-03, measured under load ~16 "
-               "and divided by its load_factor (8): idle-machine figures",
-        ray_start=3.0, actor_start=1.6, opt_unit_step=0.0057, opt_modern_factor=1.5,
-        opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=65.0, crop=0.00056,
-        crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+               "and divided by its load_factor (8): idle-machine figures; crop_sweep, crop, tile and "
+               "actor_start from the quiet full default-layer build of efficientnet_lite0 (100 images: "
+               "receptive sweep 18.5-25 s, crop writing 21 s for 428,688 entries, viewer 17 s)",
+        ray_start=3.0, actor_start=4.0, opt_unit_step=0.0057, opt_modern_factor=1.5,
+        opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=22.0, crop=0.000044,
+        crop_decode=0.0029, tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
         tail=2.0, png_bytes_at_ref=9000, crop_bytes=15000, record_row_bytes=1000, tile_bytes=3500),
     "cuda": DeviceCosts(
         name="cuda (NVIDIA H200; derived from BENCHMARKS.md, not calibrated)",
         source="BENCHMARKS.md: Optimization on NVIDIA H200 (111 units/s at 224 px, 20 steps, batch 32 = "
-               "0.45 ms per unit-step), Dataset pass cuda H200 (1,182 images/s), tasks.receptive (sweep "
-               "~1 s); crops and writes: the CPU's per core",
+               "0.45 ms per unit-step), Dataset pass cuda H200 (1,182 images/s); the receptive sweep "
+               "(a CPU task), crops, tiles and writes: the CPU's",
         ray_start=3.0, actor_start=8.0, opt_unit_step=0.000037, opt_modern_factor=1.5,
-        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=1.0, crop=0.00056,
-        crop_decode=0.0029, tile=0.0001, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=22.0, crop=0.000044,
+        crop_decode=0.0029, tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
         tail=2.0, png_bytes_at_ref=9000, crop_bytes=15000, record_row_bytes=1000, tile_bytes=3500),
 }
 
@@ -220,17 +222,24 @@ def _opt_shard_seconds(plan, s: dict, c: DeviceCosts, write: float) -> float:
     return t
 
 
-def _crop_items(plan, c: DeviceCosts, write: float) -> list[float]:
-    """Seconds per crop task (cluster/crops.py): at most TASK_CROPS crops each, every source image
-    decoded once per task; an upper bound, since crops shared by several units are cut once."""
-    from deepvis.cluster.crops import TASK_CROPS
+# top/bottom entries per distinct (image, box) crop, measured on the full default-layer build of
+# efficientnet_lite0 over 100 images (BENCHMARKS.md, "Full-network build and crop layout")
+ENTRIES_PER_CROP = 6.6
 
+
+def _crop_items(plan, c: DeviceCosts, write: float) -> list[float]:
+    """Seconds per crop task (cluster/crops.py). The tasks hold whole images, so every source image
+    is decoded once in all; c.crop is one top/bottom entry's share of cutting and encoding (measured
+    per entry on a full build); one write per distinct crop, about entries / ENTRIES_PER_CROP (at
+    least one per image). The work is split evenly over crop_shard_count tasks."""
     entries = sum(len(l["selected"]) for l in plan.layers) * crops_per_unit(plan.cfg.k, len(plan.images))
-    out = []
-    for i in range(0, entries, TASK_CROPS):
-        n = min(TASK_CROPS, entries - i)
-        out.append(min(n, len(plan.images)) * c.crop_decode + n * (c.crop + write) + write)
-    return out
+    if not entries:
+        return []
+    n = crop_shard_count(plan)
+    decoded = min(entries, len(plan.images))
+    distinct = min(entries, max(decoded, entries / ENTRIES_PER_CROP))
+    total = decoded * c.crop_decode + entries * c.crop + distinct * write
+    return [total / n + write] * n
 
 
 def schedule_crops(items: list[float], n: int, sweep: float) -> float:

@@ -1,6 +1,7 @@
 """`deepvis build`: the full-network atlas build on a Ray cluster."""
 from __future__ import annotations
 
+import logging
 import sys
 
 from deepvis.cli.args import ENDPOINT_HELP
@@ -124,7 +125,13 @@ def run(args) -> int:
 
     from deepvis.cluster.build import run_build
 
-    summary = run_build(config_from_args(args))
+    from deepvis.cli import log
+
+    def say(message: str) -> None:
+        # --json: stdout holds the JSON alone, so the build's messages go to stderr (-q still silences them)
+        if log.isEnabledFor(logging.INFO):
+            print(message, file=sys.stderr, flush=True)
+    summary = run_build(config_from_args(args), log=say if getattr(args, "json", False) else log.info)
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=1, default=str))
     elif summary.get("dry_run"):

@@ -104,3 +104,14 @@ def test_schedule_is_list_scheduling():
     assert schedule([3.0], 4) == 3.0                       # one shard: one actor works
     assert schedule([1.0] * 4, 2) == 2.0
     assert schedule([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 4.0   # in order: 4 on one actor, the rest on the other
+
+
+def test_build_json_is_the_only_stdout(ray_cluster, capsys, sample_dir, tmp_path):
+    """`deepvis build --json | jq`: the build's messages (the crop phase's line) go to stderr."""
+    ds = tmp_path / "images.txt"
+    ds.write_text("".join(f"{f}\n" for f in sorted(sample_dir.glob("*/*.JPEG"))[:3]))
+    rc = main(["build", "--layers", "_blocks.1", "--units", "0:2", "--presets", "none", "--dataset", str(ds),
+               "--out", str(tmp_path / "atlas"), "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and json.loads(out)["status"] == "complete"
+    assert "distinct crops" in err
