@@ -37,14 +37,14 @@ SECTION = "## Dry-run estimate vs measured"
 SAMPLE = ROOT.parent / "shared" / "datasets" / "imagenet-sample"
 B_LAYERS = "_blocks.1,_blocks.8,_blocks.15"
 NOTES = """*load factor*: the dry run multiplies the CPU costs (cluster.estimate.COSTS, idle-machine figures)
-by (1-minute load average + actors) ÷ CPUs, as measured when it runs; this machine is shared with
-other jobs, so the factor is large. *dry run s*: wall time of the whole command (Python and torch
-start-up, model load, layer resolution, dataset listing); *CPU s* is its CPU time, about what it
-takes on an idle machine. *A (full)*: the full default layer set (66 layers, 23,816 units) is only
-planned: under this load its crop pass (a receptive-field sweep per layer and actor, 18 crops per
-unit) is estimated at hours, past this benchmark's 15-minute budget; A runs on a subset of its
-layers (`--layers-a`) instead. GPU rows of the cost table are derived from the H200 sections above,
-not measured by this benchmark."""
+by (1-minute load average + actors) ÷ CPUs, as measured when it runs (1 on an idle machine; here the
+load left by the previous step of this benchmark counts too). *dry run s*: wall time of the whole
+command (Python and torch start-up, model load, layer resolution, dataset listing); *CPU s* is its
+CPU time. *A*: the full default layer set (66 layers, 23,816 units) over 100 sample images, built
+for real after its dry run (`--layers-a` narrows it, `--only` picks one configuration). The object
+count is an upper bound: distinct crops are stored once, and how many entries share one is known
+only after the dataset pass; the crop time uses the measured 6.6 entries per crop. GPU rows of the
+cost table are derived from the H200 sections above, not measured by this benchmark."""
 
 
 def dataset_list(folder: Path, n: int, path: Path) -> str:
