@@ -359,7 +359,8 @@ def run_build_path(args) -> dict:
         sync(device)
 
     def build(part=ids):
-        w._dataset({**shard, "images": part})
+        with w.store.writer(w.max_inflight) as writer:     # the shard's state is written, as in run()
+            w._dataset({**shard, "images": part}, writer)
         sync(device)
     bare(ids[:batch]), build(ids[:batch])                      # warm-up
     times = {"decode + bare forward": float("inf"), "build dataset pass": float("inf")}
