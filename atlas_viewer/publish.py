@@ -298,7 +298,10 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
     for v in data["views"]:
         keys = _view_keys(name, v, units, topk_rows, schema)
         flags = [int(k in present) for k in keys]
-        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, keys, flags, tile, per_sheet, cache)
+        # only the top-0 view's tiles repeat (shared crops); a preset's images are one per unit and
+        # would push them out of the cache
+        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, keys, flags, tile, per_sheet,
+                                                             cache if v == TOP_VIEW else None)
     for p in presets:
         if urows is not None:
             data["opt"][p] = [_num((urows.get(u) or {}).get(f"opt_{p}")) for u in units]
