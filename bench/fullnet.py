@@ -51,10 +51,11 @@ def dataset_list(n: int, tmp: Path) -> str:
     return str(path)
 
 
-def build(out: str, dataset: str, layers: str | None, endpoint: str | None = None) -> dict:
+def build(out: str, dataset: str, layers: str | None, endpoint: str | None = None, **keys) -> dict:
+    """run_build of the full-network configuration (`--presets none` unless keys say otherwise), timed."""
     lines: list[str] = []
-    cfg = BuildConfig(model="efficientnet_lite0", layers=layers, presets="none", dataset=dataset,
-                      out=out, endpoint_url=endpoint, progress=False)
+    cfg = BuildConfig(**{"model": "efficientnet_lite0", "layers": layers, "presets": "none", "dataset": dataset,
+                         "out": out, "endpoint_url": endpoint, "progress": False, **keys})
     t = time.perf_counter()
     summary = run_build(cfg, log=lines.append)
     wall = time.perf_counter() - t

@@ -29,17 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmd import replace_section  # noqa: E402  (bench/ is the script directory)
-from fullnet import dataset_list  # noqa: E402
+from fullnet import build, dataset_list  # noqa: E402
 
-from deepvis.cluster.build import make_plan, make_shards, run_build  # noqa: E402
+from deepvis.cluster.build import make_plan, make_shards  # noqa: E402
 from deepvis.cluster.config import BuildConfig  # noqa: E402
 
 SECTION = "## Full-network build, every unit optimized"
 
 
-def config(args, out: str, dataset: str) -> BuildConfig:
-    return BuildConfig(model="efficientnet_lite0", layers=args.layers, presets="yosinski-3", steps=2, size=32,
-                       dataset=dataset, out=out, progress=False)
+OPT = {"presets": "yosinski-3", "steps": 2, "size": 32}    # every unit optimized, at the smallest cost
 
 
 def bare_shards(cfg: BuildConfig, every: int, tmp: Path) -> tuple[int, list[float]]:
@@ -100,17 +98,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-fullopt-") as tmp:
         ds = dataset_list(args.images, Path(tmp))
-        cfg = config(args, str(Path(tmp) / "atlas"), ds)
+        cfg = BuildConfig(model="efficientnet_lite0", layers=args.layers, dataset=ds, out=str(Path(tmp) / "plan"),
+                          progress=False, **OPT)
         n_shards, bare = bare_shards(cfg, args.every, Path(tmp))
         print(f"{n_shards} opt shards; alone: mean {statistics.fmean(bare):.3f} s over {len(bare)}", flush=True)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.ERROR)
         try:
-            t = time.perf_counter()
-            summary = run_build(cfg, log=lambda *a: None)
-            wall = time.perf_counter() - t
+            b = build(str(Path(tmp) / "atlas"), ds, args.layers, **OPT)
         finally:
             ray.shutdown()
-    text = report(args, summary, wall, n_shards, bare)
+    text = report(args, b["summary"], b["wall"], n_shards, bare)
     print(text)
     if not args.no_write:
         replace_section(ROOT / "BENCHMARKS.md", SECTION, text)

@@ -15,7 +15,10 @@ Along every path its coefficients are positive, so the derivative of an output w
 input pixel is nonzero exactly when the pixel is structurally connected to it. One tangent per input
 column (then per input row), 2 * input_size in all, tells for every output position whether it
 depends on that column (row); the box is the first and last such column (row), over all channels of
-the layer. For a plain conv net the surrogate is linear (checked numerically at random points:
+the layer. The rows are not swept when the network has the same geometry along x and y (the
+surrogate's kernels are symmetric, and transposed inputs give transposed outputs, checked at random
+points): the row extents are then the column extents transposed, input_size tangents in all.
+For a plain conv net the surrogate is linear (checked numerically at random points:
 f(a + b) = f(a) + f(b), f(2a) = 2 f(a)), so the tangents are simply run through it, in float32 (in
 float64 when the smallest derivative seen comes within 1e-30 of underflow); otherwise (multiplicative
 gates, norms over channels) forward-mode AD (jvp) in float64. All positions of all layers asked for
