@@ -12,7 +12,8 @@ The build driver calls this last. It copies the viewer's static files (atlas_vie
                                                   PER_SHEET tiles a sheet, in the order of the
                                                   layer's `units` list (tile i: sheet i // PER_SHEET);
                                                   a view is a preset, or `top-0`: every unit's
-                                                  strongest dataset crop (dataset-only atlases too)
+                                                  strongest dataset crop (dataset-only atlases too;
+                                                  schema 3: its box cut from the input image)
 
 so a layer page of 1,024 units is 1 JSON + 4 sheets per preset. Every part of the atlas is optional
 but the manifest: without index/topk.parquet (optimization-only atlas) the rows are null, without
@@ -36,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from deepvis.storage import layout
-from deepvis.storage.atlas import crop_key
+from deepvis.storage.atlas import CropRef, crop_ref
 from deepvis.storage.store import Store
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -150,14 +151,25 @@ def _pool():
 TOP_VIEW = "top-0"        # a grid view of every unit's strongest dataset crop (besides the presets)
 
 
-def _view_keys(layer: str, view: str, units: list[int], topk_rows: list[dict] | None,
-               schema: int) -> list[str | None]:
-    """The object each unit's tile in a grid view shows: units/<layer>/<u>/<preset>.png, or the
-    rank-0 top crop (its key from the topk row: either crop layout, storage.atlas.crop_key)."""
+def _view_refs(layer: str, view: str, units: list[int], topk_rows: list[dict] | None,
+               schema: int) -> list[CropRef | None]:
+    """Where each unit's tile of a grid view comes from: units/<layer>/<u>/<preset>.png, or the rank-0
+    top crop (storage.atlas.crop_ref: an object that is the crop, or schema 3's box of an input image)."""
     if view != TOP_VIEW:
-        return [layout.unit_key(layer, u, f"{view}.png") for u in units]
-    first = {r["unit"]: crop_key(r, schema) for r in topk_rows or [] if r["kind"] == "top" and r["rank"] == 0}
+        return [CropRef(layout.unit_key(layer, u, f"{view}.png")) for u in units]
+    first = {r["unit"]: crop_ref(r, schema) for r in topk_rows or [] if r["kind"] == "top" and r["rank"] == 0}
     return [first.get(u) for u in units]
+
+
+def _fit(im: Image.Image, tile: int) -> Image.Image:
+    """An image as a tile x tile RGB tile (aspect not kept: a tile is square, like the grid)."""
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    if im.size != (tile, tile):
+        # smaller images are enlarged pixel by pixel (crisp); larger ones averaged down
+        up = im.width < tile and im.height < tile
+        im = im.resize((tile, tile), Image.NEAREST if up else Image.BOX)
+    return im
 
 
 def _tile(data: bytes, tile: int) -> Image.Image | None:
@@ -167,57 +179,120 @@ def _tile(data: bytes, tile: int) -> Image.Image | None:
         im.load()
     except Exception:  # a damaged image is shown as missing, it does not stop the publish
         return None
-    im = im.convert("RGB")
-    if im.size != (tile, tile):
-        # smaller images are enlarged pixel by pixel (crisp); larger ones averaged down
-        up = im.width < tile and im.height < tile
-        im = im.resize((tile, tile), Image.NEAREST if up else Image.BOX)
-    return im
+    return _fit(im, tile)
+
+
+def _cut_tile(im: Image.Image | None, box: tuple[int, int, int, int], tile: int) -> Image.Image | None:
+    """Schema 3: the tile of a box cut from a decoded input image (None: no image, or an empty box)."""
+    x0, y0, x1, y1 = box
+    if im is None or x1 <= x0 or y1 <= y0:
+        return None
+    return _fit(im.crop(box), tile)
+
+
+def _decode_input(data: bytes | None) -> Image.Image | None:
+    from deepvis.storage.images import BadImage, decode
+    if data is None:
+        return None
+    try:
+        return decode(data)     # the project's decoder: header limits checked before the pixels
+    except BadImage:            # a damaged input is shown as missing, it does not stop the publish
+        return None
+
+
+INPUT_BATCH = 64          # input images decoded at a time for their boxes (~10 MB at 224 px)
+
+
+class _InputCache:
+    """Schema 3's decoded input images by key, the least recently used dropped beyond `max_bytes`
+    (an S x S RGB image is 150 KB at 224 px: the default holds ~400). A unit's top crop is a box of
+    one; the boxes of a deep layer's units mostly come from the same few images."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes, self.bytes, self.images = max_bytes, 0, OrderedDict()
+
+    def get_many(self, store: Store, keys: list[str]) -> dict:
+        out = {k: self.images[k] for k in dict.fromkeys(keys) if k in self.images}
+        for k in out:
+            self.images.move_to_end(k)
+        missing = [k for k in dict.fromkeys(keys) if k not in out]
+        # fetches overlap (an S3 store is latency-bound), decoding releases the GIL
+        for k, im in zip(missing, _pool().map(lambda k: _decode_input(store.get_or_none(k)), missing)):
+            out[k] = self.images[k] = im                 # None too: a missing one is not asked for again
+            self.bytes += _nbytes(im)
+        while self.bytes > self.max_bytes and len(self.images) > 1:
+            self.bytes -= _nbytes(self.images.popitem(last=False)[1])
+        return out
+
+
+def _nbytes(im: Image.Image | None) -> int:
+    return 0 if im is None else im.width * im.height * len(im.getbands())
 
 
 class _TileCache:
-    """Decoded tiles by object key, the least recently used dropped beyond `size` (12 KiB each at
-    64 px). In a full-network atlas most units of the deep layers show the same few whole-image
-    crops: each is fetched and decoded once per publish, not once per unit."""
+    """Decoded tiles by CropRef (object key, and the box cut from it for schema 3), the least
+    recently used dropped beyond `size` (12 KiB each at 64 px). In a full-network atlas most units of
+    the deep layers show the same few whole-image crops: each is fetched and decoded once per
+    publish, not once per unit; schema 3's input images once for all their boxes (`inputs`)."""
 
-    def __init__(self, size: int = 4096):
+    def __init__(self, size: int = 4096, input_bytes: int = 64 << 20):
         self.size, self.tiles = size, OrderedDict()
+        self.inputs = _InputCache(input_bytes)
 
-    def get_many(self, store: Store, keys: list[str], tile: int) -> dict:
-        out = {k: self.tiles[k] for k in dict.fromkeys(keys) if k in self.tiles}
-        for k in out:
-            self.tiles.move_to_end(k)
-        missing = [k for k in dict.fromkeys(keys) if k not in out]
-
-        def load(key):
-            data = store.get_or_none(key)
-            return _tile(data, tile) if data is not None else None
-        # fetches overlap (an S3 store is latency-bound), decoding releases the GIL
-        for k, im in zip(missing, _pool().map(load, missing)):
-            out[k] = self.tiles[k] = im
+    def get_many(self, store: Store, refs: list[CropRef], tile: int) -> dict:
+        out = {r: self.tiles[r] for r in dict.fromkeys(refs) if r in self.tiles}
+        for r in out:
+            self.tiles.move_to_end(r)
+        missing = [r for r in dict.fromkeys(refs) if r not in out]
+        for r, im in zip(missing, self._load(store, missing, tile)):
+            out[r] = self.tiles[r] = im
         while len(self.tiles) > self.size:
             self.tiles.popitem(last=False)
         return out
 
+    def _load(self, store: Store, refs: list[CropRef], tile: int) -> list:
+        """The tiles of refs, in order: whole objects fetched and decoded on the pool; the boxes of
+        input images grouped by image, each image fetched and decoded once for all its boxes."""
+        def load(key: str):
+            data = store.get_or_none(key)
+            return _tile(data, tile) if data is not None else None
+        whole = [r for r in refs if r.box is None]
+        tiles = dict(zip(whole, _pool().map(lambda r: load(r.key), whole)))
+        boxes: dict[str, list[CropRef]] = {}
+        for r in refs:
+            if r.box is not None:
+                boxes.setdefault(r.key, []).append(r)
+        keys = list(boxes)
+        for i in range(0, len(keys), INPUT_BATCH):     # at most INPUT_BATCH decoded images held here
+            inputs = self.inputs.get_many(store, keys[i:i + INPUT_BATCH])
+            # a box cut from a decoded image and resized is ~0.1 ms: on this thread, where the
+            # pool's hand-off would cost more than it saves
+            tiles.update((r, _cut_tile(inputs[k], r.box, tile)) for k in keys[i:i + INPUT_BATCH] for r in boxes[k])
+        return [tiles[r] for r in refs]
 
-def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], present: list[int],
+
+def _write_sprites(store: Store, layer: str, view: str, refs: list[CropRef | None], present: list[int],
                    tile: int, per_sheet: int, cache: _TileCache | None = None) -> tuple[list[str | None], list[int]]:
-    """Sheets of the units' optimized images; returns (sheet file names or None, present flags
-    after decoding: a damaged PNG counts as missing)."""
+    """Sheets of the units' images of a view (refs: _view_refs; present[i] 0: unit i has none);
+    returns (sheet file names or None, present flags after decoding: a damaged image counts as
+    missing)."""
     cols = int(math.ceil(math.sqrt(per_sheet)))
     cache = cache or _TileCache()
     names: list[str | None] = []
     writes = []
     ok = list(present)
-    for n, start in enumerate(range(0, len(keys), per_sheet)):
-        chunk = keys[start:start + per_sheet]
+    # schema 3: the layer's boxes all at once (12 KiB a tile), so that get_many decodes each input
+    # image once for all of them, not once for every sheet that shows one of its boxes
+    cut = cache.get_many(store, [r for r, f in zip(refs, ok) if f and r.box is not None], tile)
+    for n, start in enumerate(range(0, len(refs), per_sheet)):
+        chunk = refs[start:start + per_sheet]
         rows = int(math.ceil(len(chunk) / cols))
         sheet = Image.new("RGB", (min(len(chunk), cols) * tile, rows * tile), (0, 0, 0))
         any_tile = False
-        todo = [(j, key) for j, key in enumerate(chunk) if ok[start + j]]
-        tiles = cache.get_many(store, [key for _, key in todo], tile)
-        for j, key in todo:
-            im = tiles[key]
+        todo = [(j, ref) for j, ref in enumerate(chunk) if ok[start + j]]
+        tiles = cache.get_many(store, [ref for _, ref in todo if ref not in cut], tile)
+        for j, ref in todo:
+            im = cut[ref] if ref in cut else tiles[ref]
             if im is None:
                 ok[start + j] = 0
                 continue
@@ -238,7 +313,9 @@ def _write_sprites(store: Store, layer: str, view: str, keys: list[str | None], 
 # ---------------------------------------------------------------- per layer
 def _topk_rows(table, units: list[int], present: set[str], images: dict[str, int], schema: int):
     """{"top": [rows per unit], "bottom": ...}; row = [activation, image index, y, x, x0, y0, x1, y1,
-    crop present 0/1, rank, crop key (relative to the atlas root, either layout)]; rank order."""
+    present 0/1 (the object holding the crop exists), rank, key (that object, relative to the atlas
+    root; null: none was written), cut 0/1 (1: the crop is the box x0..y1 cut out of the object, an
+    input image of the layer data's input_size px: schema 3; 0: the object is the crop)]; rank order."""
     out = {"top": [[] for _ in units], "bottom": [[] for _ in units]}
     if table is None:
         return None
@@ -250,10 +327,10 @@ def _topk_rows(table, units: list[int], present: set[str], images: dict[str, int
         img = r["image"]
         if img not in images:
             images[img] = len(images)
-        key = crop_key(r, schema)
+        ref = crop_ref(r, schema)
         out[r["kind"]][i].append((r["rank"], [_num(r["activation"]), images[img], r["y"], r["x"],
-                                              r["x0"], r["y0"], r["x1"], r["y1"], int(key in present),
-                                              r["rank"], key]))
+                                              r["x0"], r["y0"], r["x1"], r["y1"], int(ref.key in present),
+                                              r["rank"], ref.key, int(ref.box is not None)]))
     for kind in out:
         out[kind] = [[row for _, row in sorted(rows, key=lambda t: t[0])] for rows in out[kind]]
     return out
@@ -272,11 +349,11 @@ class _AnyOf:
 
 def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units_rows: dict | None,
                 topk_rows: list[dict] | None, failed: dict, histories: dict, tile: int, per_sheet: int,
-                version: str, crops_present: set[str], cache: _TileCache | None = None) -> tuple[dict, dict]:
+                version: str, shared_present: set[str], cache: _TileCache | None = None) -> tuple[dict, dict]:
     name = l["name"]
     units = [int(u) for u in (l.get("selected") or range(l["units"]))]
-    # a view of both sets, not their union: copying the shared crops' set per layer cost more than the layer
-    present = _AnyOf(set(store.list(f"units/{name}/")), crops_present)
+    # a view of both sets, not their union: copying the shared objects' set per layer cost more than the layer
+    present = _AnyOf(set(store.list(f"units/{name}/")), shared_present)
     schema = int(manifest.get("schema_version") or 1)
     model = manifest.get("model") or {}
     labels = model.get("labels")
@@ -287,6 +364,7 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
         "version": version, "name": name, "kind": l.get("kind"), "shape": l.get("shape"),
         "units_total": l.get("units"), "units": units, "presets": presets,
         "tile": tile, "per_sheet": per_sheet, "cols": int(math.ceil(math.sqrt(per_sheet))),
+        "input_size": _input_size(model),
         "views": [], "sheets": {}, "image": {}, "opt": {}, "dead": {}, "history": {}, "quality": {},
         "failed_opt": sorted(failed.get(("opt", name), ())),
         "failed_crop": sorted(failed.get(("crop", name), ())),
@@ -296,11 +374,11 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
     # grid views: one per preset, and the top dataset crop when there was a dataset pass
     data["views"] = presets + ([TOP_VIEW] if topk_rows else [])
     for v in data["views"]:
-        keys = _view_keys(name, v, units, topk_rows, schema)
-        flags = [int(k in present) for k in keys]
+        refs = _view_refs(name, v, units, topk_rows, schema)
+        flags = [int(r is not None and r.key in present) for r in refs]
         # only the top-0 view's tiles repeat (shared crops); a preset's images are one per unit and
         # would push them out of the cache
-        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, keys, flags, tile, per_sheet,
+        data["sheets"][v], data["image"][v] = _write_sprites(store, name, v, refs, flags, tile, per_sheet,
                                                              cache if v == TOP_VIEW else None)
     for p in presets:
         if urows is not None:
@@ -324,6 +402,16 @@ def _layer_data(store: Store, manifest: dict, l: dict, presets: list[str], units
         data["top"], data["bottom"] = rows["top"], rows["bottom"]
 
     return data, _layer_summary(l, data, presets, units)
+
+
+def _input_size(model: dict) -> int | None:
+    """S, the side of schema 3's input images (the model's input: its preprocessing's centre crop),
+    which the boxes of the layer data's cut rows are in; None when the manifest does not say."""
+    s = (model.get("preprocessing") or {}).get("crop") or model.get("input_size")
+    try:
+        return int(s) if s else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _stats(urows: dict, units: list[int]) -> dict | None:
@@ -394,7 +482,9 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     topk_t, topk_by_layer = _rows_by_layer(store, layout.TOPK, unit_keyed=False)
     failed = _failed_units(manifest)
     histories = _opt_histories(store)
-    crops_present = set(store.list(f"{layout.CROPS}/"))   # schema 2's shared crops, listed once
+    # the objects rows of many units share (schema 2's crops, schema 3's input images), listed once
+    shared_present = set(store.list(f"{layout.CROPS}/"))
+    shared_present.update(store.list(f"{layout.INPUTS}/"))
 
     old = set(store.list(f"{DATA}/"))
     written = set()
@@ -403,7 +493,7 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     for l in manifest.get("layers", []):
         data, summary = _layer_data(store, manifest, l, presets, units_rows,
                                     None if topk_by_layer is None else topk_by_layer.get(l["name"], []),
-                                    failed, histories, tile, per_sheet, version, crops_present, cache)
+                                    failed, histories, tile, per_sheet, version, shared_present, cache)
         key = layer_data_key(l["name"])
         store.put(key, _dumps(data))
         written.add(key)

@@ -5,12 +5,12 @@ table of issue #16.
   build         run_build's wall time (one Ray cluster started here first, not counted), the crop
                 phase's own parts from its log line (receptive fields once, planning, writing) and,
                 when the build records them, manifest["build"]["phases"]
-  crop layout   from the local build: top/bottom-k entries, distinct (image, box) crops, objects and
-                bytes of each layout: per-unit objects (schema 1: one JPEG per entry, the bytes of
-                its crop), content-addressed (schema 2: one per distinct crop, measured), one sprite
-                per unit (18 crops in one object: objects = units, bytes ~ per-unit's); image
-                requests of a unit page, counted in headless Chromium on this atlas (schema 2) and
-                on the same atlas's rows laid out per unit (schema 1)
+  crop layout   from the local build (schema 3): top/bottom-k entries, distinct source images and
+                distinct (image, box) crops; objects and bytes of each layout: one input image per
+                source image (schema 3, what the build wrote, measured), content-addressed crops
+                (schema 2: one JPEG per distinct crop, each encoded here from the stored inputs to
+                size it), per-unit objects (schema 1: one per entry, the bytes of its crop), one
+                sprite per unit; image requests of a unit page counted in headless Chromium
 
     .venv/bin/python bench/fullnet.py                   # local + SeaweedFS, writes BENCHMARKS.md
     .venv/bin/python bench/fullnet.py --images 20 --layers '_blocks.1*' --no-s3 --no-write
@@ -59,7 +59,7 @@ def build(out: str, dataset: str, layers: str | None, endpoint: str | None = Non
     t = time.perf_counter()
     summary = run_build(cfg, log=lines.append)
     wall = time.perf_counter() - t
-    crop_line = next((x for x in lines if "distinct crops" in x), "")
+    crop_line = next((x for x in lines if "input images, written by" in x), "")
     m = re.search(r"seconds (\{.*\})", crop_line)
     crop_s = json.loads(m.group(1).replace("'", '"')) if m else {}
     return {"wall": round(wall, 1), "status": summary["status"], "units": summary["units"],
@@ -67,14 +67,30 @@ def build(out: str, dataset: str, layers: str | None, endpoint: str | None = Non
 
 
 def layout_table(root: Path) -> dict:
-    """Objects and bytes of the three crop layouts, from the schema 2 atlas at root."""
+    """Objects and bytes of the crop layouts, from the schema 3 atlas at root: its input images as
+    stored, and schema 2's distinct crops cut from them and JPEG-encoded as schema 2 did (quality 90)."""
+    import io
+
     import pyarrow.parquet as pq
-    rows = pq.read_table(root / layout.TOPK, columns=["layer", "unit", "crop"]).to_pylist()
-    size = {p.name: p.stat().st_size for p in (root / "crops").iterdir()}
-    per_entry = sum(size[Path(r["crop"]).name] for r in rows if r["crop"])
+    from PIL import Image
+
+    rows = pq.read_table(root / layout.TOPK, columns=["layer", "unit", "input", "x0", "y0", "x1", "y1"]).to_pylist()
+    inputs = {p.name: p.stat().st_size for p in (root / layout.INPUTS).iterdir()}
+    boxes: dict[str, set] = {}
+    for r in rows:
+        if r["input"]:
+            boxes.setdefault(r["input"], set()).add((r["x0"], r["y0"], r["x1"], r["y1"]))
+    crop_size: dict[tuple, int] = {}
+    for key in sorted(boxes):
+        img = Image.open(root / key).convert("RGB")
+        for box in boxes[key]:
+            buf = io.BytesIO()
+            img.crop(box).save(buf, format="JPEG", quality=90)
+            crop_size[(key, box)] = len(buf.getvalue())
+    per_entry = sum(crop_size[(r["input"], (r["x0"], r["y0"], r["x1"], r["y1"]))] for r in rows if r["input"])
     units = len({(r["layer"], r["unit"]) for r in rows})
-    return {"entries": len(rows), "units": units, "distinct": len(size), "distinct_bytes": sum(size.values()),
-            "per_unit_bytes": per_entry}
+    return {"entries": len(rows), "units": units, "inputs": len(inputs), "inputs_bytes": sum(inputs.values()),
+            "distinct": len(crop_size), "distinct_bytes": sum(crop_size.values()), "per_unit_bytes": per_entry}
 
 
 def unit_page_requests(root: Path, layer: str, unit: int) -> int:
@@ -98,17 +114,20 @@ def unit_page_requests(root: Path, layer: str, unit: int) -> int:
     return len([n for n in names if n.split("?")[0].endswith((".jpg", ".png"))])
 
 
-def browse_requests(root: Path, layer: str, n: int) -> tuple[float, int, int]:
-    """From the index: crops a unit page needs on average (distinct keys of its rows) and what
-    browsing the layer's first n units one after the other fetches (a shared crop once), against
-    schema 1's 2k objects a unit."""
+def browse_requests(root: Path, layer: str, n: int) -> dict:
+    """From the index: objects a unit page needs on average and what browsing the layer's first n
+    units one after the other fetches (a shared object once), per layout: schema 3's input images,
+    schema 2's distinct crops, schema 1's 2k objects a unit."""
     import pyarrow.parquet as pq
-    rows = pq.read_table(root / layout.TOPK, columns=["layer", "unit", "crop"]).to_pylist()
+    rows = pq.read_table(root / layout.TOPK, columns=["layer", "unit", "image", "x0", "y0", "x1", "y1"]).to_pylist()
     rows = [r for r in rows if r["layer"] == layer]
-    units = sorted({r["unit"] for r in rows})[:n]
-    per = [len({r["crop"] for r in rows if r["unit"] == u}) for u in units]
-    return sum(per) / len(per), len({r["crop"] for r in rows if r["unit"] in set(units)}), \
-        sum(1 for r in rows if r["unit"] in set(units))
+    units = set(sorted({r["unit"] for r in rows})[:n])
+    crop = lambda r: (r["image"], r["x0"], r["y0"], r["x1"], r["y1"])  # noqa: E731
+    first = [r for r in rows if r["unit"] in units]
+    per = lambda f: sum(len({f(r) for r in rows if r["unit"] == u}) for u in units) / len(units)  # noqa: E731
+    return {"layer": layer, "rows": len(first), "inputs": len({r["image"] for r in first}),
+            "crops": len({crop(r) for r in first}), "per_unit_inputs": per(lambda r: r["image"]),
+            "per_unit_crops": per(crop)}
 
 
 class NoS3:
@@ -154,29 +173,32 @@ def report(args, local: dict, s3: dict | None, table: dict, req: dict) -> str:
     out += ["", "Crop layout (the same build's top/bottom-k rows):", "",
             "| layout | objects | bytes | unit page image requests | browsing the first 10 units of "
             f"`{req['layer']}` |", "|---|---:|---:|---:|---:|",
+            f"| one input image per source image, `inputs/<sha>.jpg` (schema 3, built) | {t['inputs']:,} | "
+            f"{t['inputs_bytes']:,} | {req['measured']} measured in Chromium ({req['per_unit_inputs']:.1f} "
+            f"distinct images a unit) | {req['inputs']} |",
+            f"| content-addressed crops `crops/<sha>.jpg` (schema 2) | {t['distinct']:,} | {t['distinct_bytes']:,} | "
+            f"{req['per_unit_crops']:.1f} | {req['crops']} |",
             f"| per unit, 18 objects a unit (schema 1) | {t['entries']:,} | {t['per_unit_bytes']:,} | 18 | {req['rows']} |",
-            f"| content-addressed `crops/<sha>.jpg` (schema 2, chosen) | {t['distinct']:,} | {t['distinct_bytes']:,} | "
-            f"{req['measured']} measured in Chromium ({req['per_unit']:.1f} distinct a unit) | {req['distinct']} |",
             f"| one sprite per unit | {t['units']:,} | ~{t['per_unit_bytes']:,} | 1 | 10 |", "",
-            f"{t['entries']:,} entries, **{t['distinct']:,} distinct (image, box) crops** "
-            f"({t['entries'] / max(1, t['distinct']):.1f} entries per crop)."]
+            f"{t['entries']:,} entries, {t['distinct']:,} distinct (image, box) crops "
+            f"({t['entries'] / max(1, t['distinct']):.1f} entries per crop), **{t['inputs']:,} distinct source "
+            f"images**."]
     return "\n".join(out + ["", CHOICE.format(
-        objects=t["entries"] / max(1, t["distinct"]), bytes=t["per_unit_bytes"] / max(1, t["distinct_bytes"]),
-        rows=req["rows"], distinct=req["distinct"], layer=req["layer"])]) + "\n"
+        objects=t["distinct"] / max(1, t["inputs"]), bytes=t["distinct_bytes"] / max(1, t["inputs_bytes"]))]) + "\n"
 
 
-CHOICE = """Choice: **content-addressed crops** (schema 2). Against per-unit objects it writes {objects:.1f}x fewer
-objects and {bytes:.1f}x fewer bytes (a deep layer's crop is the whole 224 px image, stored once instead
-of once per unit that ranks it), and costs the same requests for one unit page (the 18 crops of one
-unit are distinct images); browsing units of a deep layer fetches a shared crop once ({distinct} requests
-instead of {rows} for the first 10 units of `{layer}`). One sprite per unit would make a unit page
-1 request but re-encodes every crop per unit (the per-unit bytes and encode time) and cannot share a
-crop between units; for the layer grid the viewer already has per-layer sprites.
+CHOICE = """Choice: **one input image per source image** (schema 3). Against schema 2's content-addressed
+crops it writes {objects:.0f}x fewer objects and {bytes:.0f}x fewer bytes: a deep layer's crop is nearly the whole
+input anyway, and a shallow layer's many small boxes of one photo are all cut from the same image. A
+unit page shows its crops by clipping the input image (the browser fetches each distinct image once),
+so it costs at most the requests of schema 2. Into S3 every object is a PUT, and the objects were
+what cost: schema 2's crop writing alone took 217 s of PUTs against a SeaweedFS sharing the 2 cores.
+One sprite per unit would make a unit page 1 request but re-encodes every crop per unit and shares
+nothing between units; for the layer grid the viewer already has per-layer sprites.
 
-Into S3 the crop objects are what costs: one PUT each, here against a SeaweedFS server that shares the
-machine's 2 cores with the build. The next layout to measure stores one preprocessed input image
-per distinct source image (at most the dataset's images: 100 objects here instead of the distinct
-crops) and lets the viewer, `deepvis query` and the API cut the box, which the index already holds."""
+Before schema 3 (schema 2, the same bench on the same quiet machine, 2026-12-03): local 81.5 s,
+SeaweedFS 322.5 s (3.96x local); crop writing 21 s locally and 217 s into SeaweedFS (65,419 PUTs at
+~300 a second)."""
 
 
 def main(argv=None) -> int:
@@ -200,9 +222,7 @@ def main(argv=None) -> int:
             print("local:", local["wall"], "s;", local["crop_line"], flush=True)
             table = layout_table(out)
             layer = json.loads((out / layout.MANIFEST).read_text())["layers"][-2]["name"]
-            per_unit, distinct, rows = browse_requests(out, layer, 10)
-            req = {"layer": layer, "per_unit": per_unit, "distinct": distinct, "rows": rows,
-                   "measured": unit_page_requests(out, layer, 0)}
+            req = {**browse_requests(out, layer, 10), "measured": unit_page_requests(out, layer, 0)}
             s3 = None
             if not args.no_s3:
                 s3 = build("s3://bench/atlas", ds, args.layers, server.endpoint_url)

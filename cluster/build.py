@@ -347,11 +347,13 @@ def _make_pool(b: _Build):
 def _compute(b: _Build) -> tuple[dict | None, object]:
     """The phases that run on the cluster: optimization, dataset, merge, crops. Returns the merged
     dataset states (None without a complete dataset pass) and the crop phase's CropIndex."""
-    from deepvis.cluster.crops import run_crop_phase
+    from deepvis.cluster.crops import run_crop_phase, start_receptive
 
     plan = b.plan
     b.bars = _Bars(plan, b.done, b.cfg.progress)
     merged, crop_done = None, None
+    # the crops' receptive fields depend on the architecture alone: swept while the passes run
+    receptive = start_receptive(b.store, plan) if plan.data_shards else None
     try:
         todo = {s["id"] for s in b.todo}
         try:
@@ -363,7 +365,7 @@ def _compute(b: _Build) -> tuple[dict | None, object]:
             with b.phases("merge"):
                 merged = _merge_dataset(b.store, plan)
             with b.phases("crops"):   # Ray tasks on every node's CPUs (the pool is closed)
-                crop_done = run_crop_phase(b.store, plan, merged, b.log)
+                crop_done = run_crop_phase(b.store, plan, merged, b.log, receptive)
             b.failed.update(crop_done.failed)
     finally:
         b.bars.close()
@@ -489,7 +491,7 @@ def _merge_dataset(store: Store, plan: Plan) -> dict:
 
 
 def _topk_rows(plan: Plan, merged: dict, crops) -> dict[str, list]:
-    """index/topk.parquet's columns, (layer, unit, kind, rank) order; boxes and crop keys from the
+    """index/topk.parquet's columns, (layer, unit, kind, rank) order; boxes and input keys from the
     crop phase (cluster.crops.CropIndex)."""
     cols: dict[str, list] = {f.name: [] for f in layout.TOPK_SCHEMA}
     for l in plan.layers:
@@ -508,7 +510,7 @@ def _topk_rows(plan: Plan, merged: dict, crops) -> dict[str, list]:
                 cols["x"] += r["x"][u].tolist()
                 for c, col in (("x0", 0), ("y0", 1), ("x1", 2), ("y1", 3)):
                     cols[c] += boxes[i, :, col].tolist()
-                cols["crop"] += keys[i]
+                cols["input"] += keys[i]
     return cols
 
 

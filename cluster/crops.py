@@ -1,17 +1,21 @@
-"""The crop phase of `deepvis build`: every unit's top/bottom-k dataset crops, each DISTINCT
-(image, box) encoded and stored once, by Ray tasks on the whole cluster's CPUs.
+"""The crop phase of `deepvis build`: what every unit's top/bottom-k dataset crops need, written
+once per DISTINCT source image, by Ray tasks on the whole cluster's CPUs (atlas schema 3).
 
 1. Receptive fields once per build: one sweep of every selected layer (`tasks.receptive.
-   all_layer_maps`) in one Ray task, stored as `_build/receptive.npz` with the hash of what they
-   depend on (model, input size, layers): a resumed build reads them back.
+   all_layer_maps`) in one Ray task, started with the build (it overlaps the optimization and
+   dataset passes), stored as `_build/receptive.npz` with the hash of what they depend on (model,
+   input size, layers): a resumed build reads them back.
 2. The driver maps every (layer, unit, kind, rank) of the merged top-k to its box (numpy indexing of
-   the maps) and to its content-addressed key `crops/<sha256(image, box)[:24]>.jpg`
-   (`storage.layout.crop_key`). In a full-network build most entries share a crop: a deep layer's
-   box is the whole input, and the same (image, box) recurs across units and layers.
-3. The distinct crops are grouped by source image into tasks of about TASK_CROPS crops (an image is
-   decoded once and every box it needs is cut from it); a task encodes JPEGs, writes them with
-   WRITERS uploads in flight, then its completion record `_build/done/crops/NNNNN.json` (hash, pid,
-   unreadable images). A re-run skips tasks whose record matches and writes nothing again.
+   the maps: index/topk.parquet's x0..y1) and to the key of its image's preprocessed input,
+   `inputs/<sha256(image)[:24]>.jpg` (`storage.layout.input_key`). A crop is the box cut from that
+   input by whoever shows it (viewer, API, query), so a full-network build stores one object per
+   distinct top/bottom image (100 here) instead of one per distinct (image, box) (65,419 in schema 2:
+   217 s of PUTs into S3, BENCHMARKS.md).
+3. The distinct images are grouped into tasks of TASK_IMAGES (in image-id order; fewer a task when
+   that spreads them over more of the cluster's CPUs); a task decodes,
+   preprocesses (resize, centre crop) and encodes each as JPEG, writes them with WRITERS uploads in
+   flight, then its completion record `_build/done/crops/NNNNN.json` (hash, pid, unreadable images).
+   A re-run skips tasks whose record matches and writes nothing again.
 
 No GPU actor does crop work: the tasks ask for CROP_CPUS of a CPU (fractional, so they never wait
 behind an actor that holds a whole core on a 2-core machine), or for none when the build's idle
@@ -32,23 +36,24 @@ from deepvis.storage import layout
 from deepvis.storage.store import Store
 
 RECEPTIVE = "_build/receptive.npz"
-TASK_CROPS = 2000          # crops per task, about (a task holds whole images)
+TASK_IMAGES = 64          # source images per task (decode + resize + JPEG: ~10 ms each on one core)
 CROP_CPUS = 0.5            # Ray CPUs per crop task
 WRITERS = 8                # object writes in flight per task
 JPEG_QUALITY = 90
-VERSION = 2                # of the crop work: part of every task's hash
+VERSION = 3                # of the crop work: part of every task's hash
 
 
 @dataclass
 class CropIndex:
     """What `_topk_rows` needs: per (layer, kind) the boxes (units x k x 4: x0, y0, x1, y1, in the
-    layer's `selected` order) and the crop keys (units x k, None where the image could not be read
-    or its task failed)."""
+    layer's `selected` order) and the input-image keys (units x k, None where the image could not be
+    read or its task failed)."""
     boxes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     keys: dict[tuple[str, str], list[list[str | None]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)   # task id -> error
     entries: int = 0          # (layer, unit, kind, rank) rows
-    distinct: int = 0         # distinct (image, box) crops
+    distinct: int = 0         # distinct (image, box) crops: what schema 2 stored, for the log
+    images: int = 0           # distinct source images: the input objects written
     tasks: int = 0
     skipped: int = 0          # tasks finished by an earlier run
     pids: set[int] = field(default_factory=set)
@@ -59,11 +64,7 @@ class CropIndex:
 class CropTask:
     id: str                                   # 'crops/NNNNN'
     hash: str
-    images: list[tuple[str, list[tuple[int, int, int, int]]]]   # (image id, distinct boxes)
-
-    @property
-    def n_crops(self) -> int:
-        return sum(len(b) for _, b in self.images)
+    images: list[str]                         # image ids, each written as inputs/<sha>.jpg
 
 
 def _hash(obj) -> str:
@@ -90,9 +91,12 @@ def _rf_task(model: str, weights: str | None, layers: list[str]) -> dict[str, np
     return {n: np.stack([m.x0, m.y0, m.x1, m.y1]).astype(np.int32) for n, m in maps.items()}
 
 
-def receptive_maps(store: Store, plan) -> dict[str, np.ndarray]:
-    """{layer: (4, H, W) int32 boxes}, from `_build/receptive.npz` when its hash matches, else
-    computed in one Ray task (one sweep for all layers) and stored there."""
+def start_receptive(store: Store, plan):
+    """The receptive-field maps, or their sweep under way: {layer: maps} read back from
+    `_build/receptive.npz` when its hash matches, else a Ray task's ObjectRef. The build starts it
+    before the optimization and dataset passes, which it does not depend on (only on the
+    architecture): on a GPU cluster it costs no wall time at all. It asks for no CPU: at that point
+    the actors are about to take every CPU of a CPU-only cluster, and an actor must not wait for it."""
     import ray
 
     h = _rf_hash(plan)
@@ -102,9 +106,21 @@ def receptive_maps(store: Store, plan) -> dict[str, np.ndarray]:
         if str(state.get("hash")) == h:
             return {l["name"]: np.asarray(state["maps"][f"L{i}"]) for i, l in enumerate(plan.layers)}
     names = [l["name"] for l in plan.layers]
-    task = ray.remote(_rf_task).options(num_cpus=_task_cpus(), max_retries=2)
-    maps = ray.get(task.remote(plan.cfg.model, plan.cfg.weights, names))
-    store.put(RECEPTIVE, layout.pack_state({"hash": h, "layers": names,
+    task = ray.remote(_rf_task).options(num_cpus=0, max_retries=2)
+    return task.remote(plan.cfg.model, plan.cfg.weights, names)
+
+
+def receptive_maps(store: Store, plan, started=None) -> dict[str, np.ndarray]:
+    """{layer: (4, H, W) int32 boxes}: what `start_receptive` started (or started now), waited for;
+    a fresh sweep is stored as `_build/receptive.npz` (hash, layers, maps) for a resumed build."""
+    import ray
+
+    started = start_receptive(store, plan) if started is None else started
+    if isinstance(started, dict):
+        return started
+    maps = ray.get(started)
+    names = [l["name"] for l in plan.layers]
+    store.put(RECEPTIVE, layout.pack_state({"hash": _rf_hash(plan), "layers": names,
                                             "maps": {f"L{i}": maps[n] for i, n in enumerate(names)}}))
     return maps
 
@@ -120,12 +136,12 @@ def _layer_boxes(rf: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return np.moveaxis(rf[:, ys, xs], 0, -1).astype(np.int32)
 
 
-def plan_crops(plan, merged: dict, rf: dict[str, np.ndarray]) -> tuple[CropIndex, list[CropTask]]:
-    """Boxes and content-addressed keys of every top/bottom-k entry, and the tasks that write the
-    distinct crops (grouped by image, in image-id order: the same top-k gives the same tasks)."""
+def plan_crops(plan, merged: dict, rf: dict[str, np.ndarray], cpus: int = 1) -> tuple[CropIndex, list[CropTask]]:
+    """Boxes and input keys of every top/bottom-k entry, and the tasks that write the distinct
+    source images' inputs (in image-id order: the same top-k and cluster give the same tasks)."""
     index = CropIndex()
-    per_image: dict[str, set] = {}
-    key_of: dict[tuple, str] = {}          # (image, box) -> key: one sha256 per distinct crop
+    key_of: dict[str, str] = {}             # image -> key: one sha256 per distinct image
+    boxes_seen: set[tuple] = set()
     for l in plan.layers:
         res, sel = merged[l["name"]].result(), np.asarray(l["selected"], dtype=np.int64)
         for kind in ("top", "bottom"):
@@ -134,42 +150,40 @@ def plan_crops(plan, merged: dict, rf: dict[str, np.ndarray]) -> tuple[CropIndex
             boxes = _layer_boxes(rf[l["name"]], np.asarray(r["y"])[sel], np.asarray(r["x"])[sel])
             keys = [[None] * images.shape[1] for _ in range(len(sel))]
             for i, j in np.ndindex(*images.shape):
-                img, box = str(images[i, j]), tuple(boxes[i, j].tolist())
-                key = key_of.get((img, box))
+                img = str(images[i, j])
+                key = key_of.get(img)
                 if key is None:
-                    key = key_of[(img, box)] = layout.crop_key(img, box)
-                    per_image.setdefault(img, set()).add(box)
+                    key = key_of[img] = layout.input_key(img)
                 keys[i][j] = key
+            boxes_seen.update(zip(images.ravel().tolist(), map(bytes, boxes.reshape(-1, 4))))
             index.boxes[(l["name"], kind)], index.keys[(l["name"], kind)] = boxes, keys
             index.entries += images.size
-    index.distinct = sum(len(b) for b in per_image.values())
-    return index, _group(plan, per_image)
+    index.distinct, index.images = len(boxes_seen), len(key_of)
+    return index, _group(plan, sorted(key_of), task_size(len(key_of), cpus))
 
 
-def _group(plan, per_image: dict[str, set]) -> list[CropTask]:
+def task_size(images: int, cpus: int) -> int:
+    """Images per crop task: TASK_IMAGES, or fewer when that would leave CPUs of the cluster idle
+    (100 images on a 2-CPU cluster: 2 tasks of 50, one per CPU, not 2 of 64 and 36)."""
+    return max(1, min(TASK_IMAGES, -(-images // max(1, cpus))))
+
+
+def _group(plan, images: list[str], per_task: int) -> list[CropTask]:
     from deepvis.cluster.build import _base_hash, _dataset_uri
     base = {**_base_hash(plan), "crops": VERSION, "dataset": _dataset_uri(plan.cfg.dataset),
             "quality": JPEG_QUALITY}
-    tasks: list[CropTask] = []
-    cur: list = []
-    for img in sorted(per_image):
-        cur.append((img, sorted(per_image[img])))
-        if sum(len(b) for _, b in cur) >= TASK_CROPS:
-            tasks.append(cur)
-            cur = []
-    if cur:
-        tasks.append(cur)
     out = []
-    for n, images in enumerate(tasks):
-        tid = f"crops/{n:05d}"
-        out.append(CropTask(tid, _hash({**base, "id": tid, "images": images}), images))
+    for n, lo in enumerate(range(0, len(images), per_task)):
+        tid, part = f"crops/{n:05d}", images[lo:lo + per_task]
+        out.append(CropTask(tid, _hash({**base, "id": tid, "images": part}), part))
     return out
 
 
 # ---------------------------------------------------------------- the crop task (a Ray worker)
 def crop_task(task: CropTask, store: Store, dataset: str, pre: dict, endpoint_url: str | None) -> dict:
-    """Decode each image once, cut its boxes, encode JPEGs, write them (WRITERS in flight), then the
-    completion record. Returns the record's summary: pid, crops written, unreadable images."""
+    """Decode each image, preprocess it (resize, centre crop: the model's input, not normalized),
+    encode it as JPEG, write it (WRITERS in flight), then the completion record. Returns the record's
+    summary: pid, inputs written, unreadable images."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deepvis.storage.datasets import BadImage, dataset_root, read_image
@@ -180,22 +194,30 @@ def crop_task(task: CropTask, store: Store, dataset: str, pre: dict, endpoint_ur
     written = 0
     with ThreadPoolExecutor(max_workers=WRITERS) as pool:
         pending = []
-        for image_id, boxes in task.images:
+        for image_id in task.images:
             try:
                 img = crop_input(read_image(root, image_id, endpoint_url=endpoint_url), pre)
             except BadImage as e:   # vanished or changed since the dataset pass: rows stay, no crop
                 bad[image_id] = str(e)
                 continue
-            for box in boxes:
-                buf = io.BytesIO()
-                img.crop(tuple(box)).save(buf, format="JPEG", quality=JPEG_QUALITY)
-                pending.append(pool.submit(store.put, layout.crop_key(image_id, box), buf.getvalue()))
-                written += 1
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+            pending.append(pool.submit(store.put, layout.input_key(image_id), buf.getvalue()))
+            written += 1
         for f in pending:
             f.result()              # a failed write fails the task (it is retried, then reported)
-    summary = {"pid": os.getpid(), "crops": written, "bad": bad}
+    summary = {"pid": os.getpid(), "node": _node_id(), "inputs": written, "bad": bad}
     layout.put_json(store, layout.record_key(task.id), {"id": task.id, "hash": task.hash, "summary": summary})
     return summary
+
+
+def _node_id() -> str | None:
+    """The Ray node this task runs on (None outside Ray): the records show where the work went."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:   # noqa: BLE001 -- a record without its node is still a record
+        return None
 
 
 def _task_cpus() -> float:
@@ -217,13 +239,15 @@ def _done_records(store: Store, tasks: list[CropTask]) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- the phase (driver)
-def run_crop_phase(store: Store, plan, merged: dict, log=print) -> CropIndex:
-    """Receptive fields once, then every distinct crop once; returns the CropIndex `_topk_rows`
-    turns into index/topk.parquet's box and crop columns. Failed tasks are in `.failed`."""
+def run_crop_phase(store: Store, plan, merged: dict, log=print, receptive=None) -> CropIndex:
+    """Receptive fields once (`receptive`: what start_receptive started at the build's start, waited
+    for here), then every distinct source image's input once; returns the CropIndex `_topk_rows`
+    turns into index/topk.parquet's box and input columns. Failed tasks are in `.failed`."""
     t0 = time.perf_counter()
-    rf = receptive_maps(store, plan)
+    rf = receptive_maps(store, plan, receptive)
     t1 = time.perf_counter()
-    index, tasks = plan_crops(plan, merged, rf)
+    import ray
+    index, tasks = plan_crops(plan, merged, rf, int(ray.cluster_resources().get("CPU", 1)))
     t2 = time.perf_counter()
     summaries = _done_records(store, tasks)
     todo = [t for t in tasks if t.id not in summaries]
@@ -236,8 +260,9 @@ def run_crop_phase(store: Store, plan, merged: dict, log=print) -> CropIndex:
     _drop_missing(index, tasks, summaries)
     index.seconds = {"receptive": round(t1 - t0, 2), "plan": round(t2 - t1, 2),
                      "write": round(time.perf_counter() - t2, 2)}
-    log(f"crops: {index.entries} top/bottom entries -> {index.distinct} distinct crops in {index.tasks} "
-        f"task(s) on {len(index.pids)} process(es); seconds {index.seconds}")
+    log(f"crops: {index.entries} top/bottom entries ({index.distinct} distinct boxes) cut from "
+        f"{index.images} input images, written by {index.tasks} task(s) on {len(index.pids)} process(es); "
+        f"seconds {index.seconds}")
     return index
 
 
@@ -272,13 +297,13 @@ def _run_tasks(store: Store, plan, todo: list[CropTask], failed: dict[str, str])
 
 
 def _drop_missing(index: CropIndex, tasks: list[CropTask], summaries: dict[str, dict]) -> None:
-    """Keys of crops that were not written (an unreadable image, a failed task) become None."""
+    """Keys of inputs that were not written (an unreadable image, a failed task) become None."""
     missing = set()
     for t in tasks:
         bad = (summaries.get(t.id) or {}).get("bad") if t.id in summaries else None
-        for image_id, boxes in t.images:
+        for image_id in t.images:
             if t.id not in summaries or image_id in (bad or {}):
-                missing.update(layout.crop_key(image_id, b) for b in boxes)
+                missing.add(layout.input_key(image_id))
     if not missing:
         return
     for keys in index.keys.values():

@@ -28,15 +28,14 @@ class DeviceCosts:
     image_forward: float          # one dataset image: decode + forward through every hooked layer + top-k
     crop_sweep: float             # the receptive-field sweep of every layer, once per build (a CPU task
                                   # using every core of its node: wall seconds)
-    crop: float                   # one top/bottom entry's share of cutting + encoding its crop
-    crop_decode: float            # decoding one dataset image for crops
+    input_image: float            # one source image of the top/bottom lists: decode, resize, JPEG
     tile: float                   # viewer publish, per unit and view: tile, sheet, layer JSON rows
     write_local: float            # one object put to a local directory
     write_s3: float               # one object put to S3 (small object, one PUT)
-    topk_row: float               # driver: one top-k row (merge, crop boxes, topk.parquet, viewer JSON)
+    topk_row: float               # driver: one top-k row (merge, boxes, topk.parquet, viewer JSON)
     tail: float                   # fixed end of a build: indexes, manifest, viewer copy, Ray shutdown
     png_bytes_at_ref: int         # an optimized image's PNG at REF_PX (bytes scale by pixels)
-    crop_bytes: int               # a whole-input crop JPEG (deep layers; shallower ones scale down)
+    input_bytes: int              # an input image's JPEG at 224 px (bytes scale by pixels)
     record_row_bytes: int         # opt completion record: one unit-preset row, without its history
     tile_bytes: int               # sprite sheet bytes per tile
 
@@ -51,22 +50,23 @@ COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         name="cpu (x86_64, 1 torch thread per actor)",
         source="bench/dryrun.py --calibrate on a 2-core AMD EPYC, 2026-12-03, measured under load ~16 "
-               "and divided by its load_factor (8): idle-machine figures; crop_sweep, crop, tile and "
+               "and divided by its load_factor (8): idle-machine figures; crop_sweep, input_image, tile and "
                "actor_start from the quiet full default-layer build of efficientnet_lite0 (100 images: "
-               "receptive sweep 18.5-25 s, crop writing 21 s for 428,688 entries, viewer 17 s)",
+               "receptive sweep 18.5-25 s, viewer 15-17 s; schema 3's inputs: 0.72 s for 100 images in "
+               "2 tasks on 2 cores, bench/fullnet.py)",
         ray_start=3.0, actor_start=4.0, opt_unit_step=0.0057, opt_modern_factor=1.5,
-        opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=22.0, crop=0.000044,
-        crop_decode=0.0029, tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
-        tail=2.0, png_bytes_at_ref=9000, crop_bytes=15000, record_row_bytes=1000, tile_bytes=3500),
+        opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=22.0, input_image=0.014,
+        tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        tail=2.0, png_bytes_at_ref=9000, input_bytes=16000, record_row_bytes=1000, tile_bytes=3500),
     "cuda": DeviceCosts(
         name="cuda (NVIDIA H200; derived from BENCHMARKS.md, not calibrated)",
         source="BENCHMARKS.md: Optimization on NVIDIA H200 (111 units/s at 224 px, 20 steps, batch 32 = "
                "0.45 ms per unit-step), Dataset pass cuda H200 (1,182 images/s); the receptive sweep "
                "(a CPU task), crops, tiles and writes: the CPU's",
         ray_start=3.0, actor_start=8.0, opt_unit_step=0.000037, opt_modern_factor=1.5,
-        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=22.0, crop=0.000044,
-        crop_decode=0.0029, tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
-        tail=2.0, png_bytes_at_ref=9000, crop_bytes=15000, record_row_bytes=1000, tile_bytes=3500),
+        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=22.0, input_image=0.014,
+        tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        tail=2.0, png_bytes_at_ref=9000, input_bytes=16000, record_row_bytes=1000, tile_bytes=3500),
 }
 
 
@@ -74,7 +74,7 @@ COSTS: dict[str, DeviceCosts] = {
 class Objects:
     """Objects a build writes, by kind (each written key counted once)."""
     opt_png: int = 0
-    crop_jpg: int = 0
+    input_jpg: int = 0
     records: int = 0
     states: int = 0
     index: int = 0
@@ -143,9 +143,9 @@ def count_objects(plan, crop_shards: int, static_files: int) -> Objects:
     o.states = len(plan.data_shards) + merged_states(len(plan.data_shards))
     o.index = 1 + (1 if plan.data_shards else 0)            # units.parquet, topk.parquet
     if plan.data_shards:
-        # an upper bound: each distinct (image, box) is stored once (cluster/crops.py), and how many
-        # entries share one is known only after the dataset pass (6.6 per crop in a full lite0 build)
-        o.crop_jpg = sum(units) * crops_per_unit(k, n_img)
+        # an upper bound: one input image per distinct source image of the top/bottom lists
+        # (cluster/crops.py), at most every image of the dataset
+        o.input_jpg = min(n_img, sum(units) * crops_per_unit(k, n_img))
         o.records += crop_shards
         o.states += 1                                        # _build/receptive.npz
     views = len(plan.presets) + (1 if plan.data_shards else 0)   # presets + the top-0 crop view
@@ -167,32 +167,24 @@ def merged_states(n: int) -> int:
     return written
 
 
-def crop_shard_count(plan) -> int:
-    """Crop tasks (cluster.crops: about TASK_CROPS crops each, whole images per task): at most one per
-    TASK_CROPS crop entries, at least one when there is a dataset pass."""
-    from deepvis.cluster.crops import TASK_CROPS
+def crop_shard_count(plan, cpus: int) -> int:
+    """Crop tasks (cluster.crops.task_size: TASK_IMAGES source images each, fewer when that spreads
+    them over more of the cluster's `cpus`), taking every dataset image as a source image (the
+    top/bottom lists may name fewer); at least one when there is a dataset pass."""
+    from deepvis.cluster.crops import task_size
 
     if not plan.data_shards:
         return 0
-    entries = sum(len(l["selected"]) for l in plan.layers) * crops_per_unit(plan.cfg.k, len(plan.images))
-    return max(1, math.ceil(entries / TASK_CROPS))
+    n = len(plan.images)
+    return max(1, math.ceil(n / task_size(n, cpus)))
 
 
 def opt_size(plan) -> int:
     return int(plan.cfg.size or plan.model["preprocessing"]["crop"])
 
 
-def _crop_bytes(plan, c: DeviceCosts, depths: dict[str, float]) -> int:
-    """A crop is the unit's receptive field: its side grows about linearly with depth, so its
-    JPEG's size with depth squared (c.crop_bytes: a whole-input crop), plus the JPEG header."""
-    per_unit = crops_per_unit(plan.cfg.k, len(plan.images))
-    return int(sum(len(l["selected"]) * per_unit
-                   * (600 + c.crop_bytes * min(1.0, 1.5 * depths.get(l["name"], 1.0)) ** 2)
-                   for l in plan.layers))
-
-
-def count_bytes(plan, o: Objects, c: DeviceCosts, depths: dict[str, float] | None = None) -> dict[str, int]:
-    """Rough sizes by kind, fitted to real builds (PNGs scale with pixels, crops with depth)."""
+def count_bytes(plan, o: Objects, c: DeviceCosts) -> dict[str, int]:
+    """Rough sizes by kind, fitted to real builds (PNGs and input images scale with pixels)."""
     px = (opt_size(plan) / REF_PX) ** 2
     k, units = plan.cfg.k, sum(len(l["selected"]) for l in plan.layers)
     rows = sum(len(s["units"]) * len(plan.presets) for s in plan.opt_shards)
@@ -202,9 +194,9 @@ def count_bytes(plan, o: Objects, c: DeviceCosts, depths: dict[str, float] | Non
     tiles = units * (len(plan.presets) + (1 if plan.data_shards else 0))
     return {
         "opt_png": int(o.opt_png * c.png_bytes_at_ref * px),
-        "crop_jpg": _crop_bytes(plan, c, depths or {}) if o.crop_jpg else 0,
+        "input_jpg": int(o.input_jpg * c.input_bytes * (plan.model["preprocessing"]["crop"] / 224) ** 2),
         "records": rows * c.record_row_bytes + hist * HISTORY_POINT_BYTES + o.records * 1500
-        + o.crop_jpg * 350,                                  # crop records list every entry
+        + o.input_jpg * 60,                                  # crop records list their images
         "states": o.states * (full_k * 26 + 2000),
         "index": o.index * 5000 + units * 60 + (units * 2 * k * 14 if plan.data_shards else 0),
         "manifest": 2000 + (16_000 if plan.labels else 0) + units * 6,   # + the class names
@@ -222,23 +214,20 @@ def _opt_shard_seconds(plan, s: dict, c: DeviceCosts, write: float) -> float:
     return t
 
 
-# top/bottom entries per distinct (image, box) crop, measured on the full default-layer build of
-# efficientnet_lite0 over 100 images (BENCHMARKS.md, "Full-network build and crop layout")
-ENTRIES_PER_CROP = 6.6
+def _entries(plan) -> int:
+    """Top/bottom-k rows of a build (0 without a dataset pass)."""
+    if not plan.data_shards:
+        return 0
+    return sum(len(l["selected"]) for l in plan.layers) * crops_per_unit(plan.cfg.k, len(plan.images))
 
 
-def _crop_items(plan, c: DeviceCosts, write: float) -> list[float]:
-    """Seconds per crop task (cluster/crops.py). The tasks hold whole images, so every source image
-    is decoded once in all; c.crop is one top/bottom entry's share of cutting and encoding (measured
-    per entry on a full build); one write per distinct crop, about entries / ENTRIES_PER_CROP (at
-    least one per image). The work is split evenly over crop_shard_count tasks."""
-    entries = sum(len(l["selected"]) for l in plan.layers) * crops_per_unit(plan.cfg.k, len(plan.images))
+def _crop_items(plan, c: DeviceCosts, write: float, n: int) -> list[float]:
+    """Seconds per crop task (cluster/crops.py): each of the (at most) every dataset image is decoded,
+    preprocessed, encoded and written once, split evenly over the n crop tasks."""
+    entries = _entries(plan)
     if not entries:
         return []
-    n = crop_shard_count(plan)
-    decoded = min(entries, len(plan.images))
-    distinct = min(entries, max(decoded, entries / ENTRIES_PER_CROP))
-    total = decoded * c.crop_decode + entries * c.crop + distinct * write
+    total = min(entries, len(plan.images)) * (c.input_image + write)
     return [total / n + write] * n
 
 
@@ -257,13 +246,15 @@ def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_
     table = costs or COSTS
     c = table["cuda" if str(device).startswith("cuda") else "cpu"]
     write = c.write_s3 if s3 else c.write_local
-    n_crop = crop_shard_count(plan)
+    # the crop tasks spread over the cluster's CPUs: one actor a core on CPU; on GPUs, at least a CPU
+    # an actor (a node has more)
+    n_crop = crop_shard_count(plan, actors)
     o = count_objects(plan, n_crop, static_files)
     opt = [_opt_shard_seconds(plan, s, c, write) for s in plan.opt_shards]
     # the dataset forward stops after the deepest selected layer: its depth's share of a full forward
     deepest = max((depths or {}).values(), default=1.0) if depths else 1.0
     data = [len(s["images"]) * c.image_forward * deepest + 2 * write for s in plan.data_shards]
-    crops = _crop_items(plan, c, write) if plan.data_shards else []
+    crops = _crop_items(plan, c, write, n_crop) if plan.data_shards else []
     tiles = sum(len(l["selected"]) for l in plan.layers) * (len(plan.presets) + (1 if plan.data_shards else 0))
     busy = opt + data
     sec = {
@@ -271,13 +262,13 @@ def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_
         "optimize_and_dataset": schedule(busy, actors),
         "crops": schedule_crops(crops, actors, c.crop_sweep),
         "index_and_viewer": c.tail + tiles * c.tile + (o.index + o.manifest + o.viewer) * write
-        + o.crop_jpg * c.topk_row,
+        + _entries(plan) * c.topk_row,
     }
     sec = {k: round(v * slowdown, 2) for k, v in sec.items()}
     sec["startup"] = round(sec["startup"] + plan_seconds, 2)
     sec["total"] = round(sum(sec.values()), 2)
     return Estimate(device=str(device), actors=actors, costs=c.name, source=c.source, objects=o,
-                    bytes=count_bytes(plan, o, c, depths), seconds=sec, slowdown=round(slowdown, 2),
+                    bytes=count_bytes(plan, o, c), seconds=sec, slowdown=round(slowdown, 2),
                     shards={"opt": len(plan.opt_shards), "data": len(plan.data_shards), "crop": n_crop})
 
 

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from deepvis.storage import layout
-from deepvis.storage.atlas import Atlas as Reader
+from deepvis.storage.atlas import Atlas as Reader, crop_jpeg
 from deepvis.storage.errors import StoreError
 from deepvis.tasks.errors import UserError
 
@@ -76,7 +76,8 @@ class TopImage:
     y: int
     x: int
     box: tuple[int, int, int, int]          # (x0, y0, x1, y1)
-    crop_key: str
+    crop_key: str | None                    # the object holding the crop (None: none was written)
+    crop_box: tuple[int, int, int, int] | None = None   # the box to cut from it (schema 3), or None
 
     @classmethod
     def from_row(cls, reader: Reader, r: dict) -> "TopImage":
@@ -84,19 +85,27 @@ class TopImage:
         fields, so dataclasses.asdict/replace never copy a store (an S3 client)."""
         row = cls(layer=r["layer"], unit=int(r["unit"]), kind=r["kind"], rank=int(r["rank"]),
                   activation=float(r["activation"]), image=r["image"], y=int(r["y"]), x=int(r["x"]),
-                  box=(int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"])), crop_key=r["crop"])
+                  box=(int(r["x0"]), int(r["y0"]), int(r["x1"]), int(r["y1"])), crop_key=r["crop"],
+                  crop_box=tuple(r["crop_box"]) if r.get("crop_box") else None)
         object.__setattr__(row, "_reader", reader)
         return row
 
     @cached_property
-    def crop_bytes(self) -> bytes:
-        """The stored JPEG of the crop (read on first use)."""
+    def _object(self) -> bytes:
         return self._reader.read_object(self.crop_key, "crop")
+
+    @cached_property
+    def crop_bytes(self) -> bytes:
+        """The crop as JPEG bytes (read on first use): the stored crop object (atlases of schema 1
+        and 2), or the box cut from the row's stored input image (schema 3)."""
+        return crop_jpeg(self._object, self.crop_box, self.crop_key)
 
     @property
     def crop(self) -> "Image.Image":
-        """The receptive-field crop as a PIL image (read on first use)."""
-        return _decode(self.crop_bytes, self.crop_key)
+        """The receptive-field crop as a PIL image (read on first use), cut from the stored image
+        without a second JPEG pass."""
+        img = _decode(self._object, self.crop_key)
+        return img.crop(self.crop_box) if self.crop_box else img
 
 
 @dataclass(frozen=True)
@@ -255,10 +264,17 @@ class Unit:
             rows = self._rows(kind, None)
         except StoreError as e:
             return f"<div><b>{kind}</b>: <i>{_esc(e)}</i></div>" if kind == "top" else ""
-        figs = [_img_html(self.atlas.store.get_or_none(r.crop_key), r.crop_key,
+        figs = [_img_html(self._crop_or_none(r), r.crop_key or "crop.jpg",
                           f'{r.activation:.4g}<br><span title="{_esc(r.image)}">{_esc(os.path.basename(r.image))}</span>')
                 for r in rows]
         return f"<div><b>{kind} {len(rows)}</b><br>{''.join(figs)}</div>"
+
+    def _crop_or_none(self, r: TopImage) -> bytes | None:
+        """The row's crop JPEG for the inline HTML, None when missing or unreadable (a placeholder)."""
+        try:
+            return r.crop_bytes
+        except StoreError:
+            return None
 
     def _stats_html(self) -> str:
         try:

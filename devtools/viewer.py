@@ -52,7 +52,7 @@ class _Synth:
                  schema: int):
         self.rng, self.store, self.topk, self.presets = np.random.default_rng(0), LocalStore(root), topk, presets
         self.img_size, self.k, self.schema = img_size, k, schema
-        self.topk_schema = layout.TOPK_SCHEMA_V1 if schema == 1 else layout.TOPK_SCHEMA
+        self.topk_schema = {1: layout.TOPK_SCHEMA_V1, 2: layout.TOPK_SCHEMA_V2}.get(schema, layout.TOPK_SCHEMA)
         self.layers = [
             {"name": BIG, "kind": "conv", "shape": [big_units, 7, 7], "units": big_units, "selected": list(range(big_units))},
             {"name": MID, "kind": "block", "shape": [32, 14, 14], "units": 32, "selected": list(range(8))},
@@ -109,16 +109,26 @@ class _Synth:
                 j = n - 1 - rank if kind == "top" else rank
                 missing = (layer, u, kind, rank) == self.missing_crop
                 box = (1, 1, 99, 119) if missing else (0, 0, 100 + rank, 120)   # its own crop
-                crop = (layout.unit_key(layer, u, layout.crop_name(kind, rank)) if self.schema == 1
-                        else layout.crop_key(self.images[order[j]], box))
+                image = self.images[order[j]]
+                crop = self._crop_object(layer, u, kind, rank, image, box, missing)
                 for c, v in (("layer", layer), ("unit", u), ("kind", kind), ("rank", rank),
-                             ("activation", float(acts[j])), ("image", self.images[order[j]]),
+                             ("activation", float(acts[j])), ("image", image),
                              ("y", rank), ("x", rank + 1), ("x0", box[0]), ("y0", box[1]), ("x1", box[2]),
-                             ("y1", box[3]), ("crop", crop)):
+                             ("y1", box[3]), ("crop", crop), ("input", crop)):
                     if c in self.top_cols:
                         self.top_cols[c].append(v)
                 if not missing and not (self.schema > 1 and self.store.exists(crop)):
-                    self.store.put(crop, _jpg(self.rng, 24))
+                    # schema 3: the preprocessed input (the boxes are cut from it); else the crop itself
+                    self.store.put(crop, _jpg(self.rng, 224 if self.schema >= 3 else 24))
+
+    def _crop_object(self, layer, u, kind, rank, image, box, missing) -> str:
+        """The key of the object that holds the row's crop, in this atlas's schema. The missing crop's
+        object is never written (schema 3: the row names an input object that is absent)."""
+        if self.schema == 1:
+            return layout.unit_key(layer, u, layout.crop_name(kind, rank))
+        if self.schema == 2:
+            return layout.crop_key(image, box)
+        return layout.input_key(image + ("#missing" if missing else ""))
 
     def manifest(self) -> dict:
         labels = [XSS_LABEL] + [f"class_{i}" for i in range(1, 10)]
@@ -147,7 +157,9 @@ def make_synthetic_atlas(root: Path, big_units: int = 1024, topk: bool = True, u
     """Write a synthetic atlas (and its dataset folder root/../<name>-dataset) following FORMAT.md.
     schema 1: per-unit crops units/<layer>/<unit>/<kind>-<rank>.jpg, topk without a `crop` column
     (atlases built before schema 2 must keep opening); schema 2: shared crops/<sha>.jpg named by the
-    `crop` column. Returns facts the tests check against."""
+    `crop` column; schema 3 (what deepvis builds now): one 224 px input image per dataset image,
+    inputs/<sha>.jpg named by the `input` column, each row's crop its box cut from it. Returns facts
+    the tests check against."""
     presets = PRESETS if presets is None else presets
     s = _Synth(root, big_units, topk, presets, img_size, k, schema)
     s.dataset(Path(str(root) + "-dataset"))

@@ -2,6 +2,9 @@
 deepvis.open, wraps this class; it stays torch-free.)"""
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 from deepvis.storage import layout
@@ -9,14 +12,48 @@ from deepvis.storage.errors import StoreError
 from deepvis.storage.store import Store, open_store
 
 
-def crop_key(row: dict, schema_version: int = layout.SCHEMA_VERSION) -> str | None:
-    """The store key of a topk row's crop (a dict with layer, unit, kind, rank and, from schema
-    version 2 on, crop), for atlases of either layout: version 2 names it in the row's `crop` column
-    (content-addressed crops/<sha>.jpg, None when no crop was written); version 1 (no `crop`
-    column) kept it at units/<layer>/<unit>/<kind>-<rank>.jpg."""
-    if "crop" in row and int(schema_version) >= 2:
-        return row["crop"]
-    return layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"]))
+@dataclass(frozen=True)
+class CropRef:
+    """Where the crop of a topk row is: the object `key` (None: none was written, its source image was
+    unreadable during the build), and the `box` (x0, y0, x1, y1) to cut from it, or None when the
+    object is the crop itself (schemas 1 and 2)."""
+    key: str | None
+    box: tuple[int, int, int, int] | None = None
+
+
+def crop_ref(row: dict, schema_version: int = layout.SCHEMA_VERSION) -> CropRef:
+    """The crop of a topk row (a dict with layer, unit, kind, rank, the box x0..y1 and the columns of
+    its schema), for atlases of every layout: version 3 names the row's preprocessed input image in
+    its `input` column (inputs/<sha>.jpg) and the crop is the box cut from it; version 2 names the
+    crop object in its `crop` column (crops/<sha>.jpg); version 1 kept it at
+    units/<layer>/<unit>/<kind>-<rank>.jpg."""
+    version = int(schema_version)
+    if version >= 3 and "input" in row:
+        return CropRef(row["input"], tuple(int(row[c]) for c in ("x0", "y0", "x1", "y1")))
+    if version >= 2 and "crop" in row:
+        return CropRef(row["crop"])
+    return CropRef(layout.unit_key(row["layer"], row["unit"], layout.crop_name(row["kind"], row["rank"])))
+
+
+def cut_crop(data: bytes, box: tuple[int, int, int, int] | None, name: str):
+    """A PIL image of the crop: the object's bytes decoded (through storage.images' limits), then the
+    box cut from it when there is one. A damaged object is a StoreError naming it."""
+    from deepvis.storage.images import BadImage, decode
+    try:
+        img = decode(data)
+    except BadImage as e:
+        raise StoreError(f"{name} is not a readable image ({e})") from None
+    return img.crop(box) if box is not None else img
+
+
+def crop_jpeg(data: bytes, box: tuple[int, int, int, int] | None, name: str) -> bytes:
+    """The crop as JPEG bytes: the stored object as it is when it is the crop itself (schemas 1, 2),
+    else the box cut from the input image and encoded (quality 95: one more lossy pass, kept light)."""
+    if box is None:
+        return data
+    buf = io.BytesIO()
+    cut_crop(data, box, name).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 def layer_status(store: Store) -> tuple[dict, list[dict]]:
@@ -71,7 +108,9 @@ class Atlas:
             raise StoreError(f"unit {unit} out of range for layer {layer!r} (0..{n - 1})")
 
     def top_images(self, layer: str, unit: int, k: int = 9, kind: str = "top") -> list[dict]:
-        """Rows of index/topk.parquet for one unit, rank 0 first, each with the key of its crop."""
+        """Rows of index/topk.parquet for one unit, rank 0 first, each with where its crop is:
+        `crop`, the key of the object holding it (None: not written), and `crop_box`, the box to cut
+        from that object (schema 3: the row's input image), or None when the object is the crop."""
         if kind not in ("top", "bottom"):
             raise ValueError("kind must be 'top' or 'bottom'")
         self.check_unit(layer, unit)
@@ -80,12 +119,13 @@ class Atlas:
         rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
         version = int(self.manifest.get("schema_version") or 1)
         for r in rows:
-            r["crop"] = crop_key(r, version)
+            ref = crop_ref(r, version)
+            r["crop"], r["crop_box"] = ref.key, (list(ref.box) if ref.box else None)
         return rows
 
-    def crop_key(self, row: dict) -> str | None:
-        """The object key of the crop of one index/topk.parquet row of this atlas (either layout)."""
-        return crop_key(row, int(self.manifest.get("schema_version") or 1))
+    def crop_ref(self, row: dict) -> CropRef:
+        """Where the crop of one index/topk.parquet row of this atlas is (any layout)."""
+        return crop_ref(row, int(self.manifest.get("schema_version") or 1))
 
     def units_table(self, layer: str | None = None) -> pa.Table:
         """index/units.parquet (one row per built unit: dataset stats, per-preset measures), or
@@ -97,7 +137,7 @@ class Atlas:
 
     def read_object(self, key: str | None, what: str) -> bytes:
         """An object's bytes; a missing one is a StoreError naming it (`what`: e.g. "crop")."""
-        if key is None:   # schema 2: the build could not read the source image, so wrote no crop
+        if key is None:   # schemas 2, 3: the build could not read the source image, so wrote no crop
             raise StoreError(f"no {what} was written for this row of {self.store.uri!r} (its source "
                              f"image was unreadable during the build)")
         data = self.store.get_or_none(key)

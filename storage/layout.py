@@ -14,10 +14,13 @@ import pyarrow.parquet as pq
 from deepvis.storage.errors import StoreError
 from deepvis.storage.store import Store
 
+# 3: one preprocessed input image per distinct dataset image, inputs/<sha>.jpg, named by
+#    index/topk.parquet's `input` column (null: none); a row's crop is its box x0..y1 cut from it.
 # 2: dataset crops are content-addressed objects crops/<sha>.jpg, one per distinct (image, box), named
 #    by index/topk.parquet's `crop` column (null: no crop). 1: units/<layer>/<unit>/<kind>-<rank>.jpg,
-#    no `crop` column. Readers handle both (storage.atlas.crop_key).
-SCHEMA_VERSION = 2
+#    no `crop` column. Readers handle all three (storage.atlas.crop_ref).
+SCHEMA_VERSION = 3
+INPUTS = "inputs"
 CROPS = "crops"
 MANIFEST = "manifest.json"
 TOPK = "index/topk.parquet"
@@ -29,10 +32,12 @@ TOPK_SCHEMA = pa.schema([
     ("layer", pa.string()), ("unit", pa.int32()), ("kind", pa.string()), ("rank", pa.int16()),
     ("activation", pa.float32()), ("image", pa.string()), ("y", pa.int32()), ("x", pa.int32()),
     ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
-    ("crop", pa.string()),
+    ("input", pa.string()),
 ])
-# schema_version 1's topk (no `crop` column): what tests write to check that old atlases still open
-TOPK_SCHEMA_V1 = pa.schema([f for f in TOPK_SCHEMA if f.name != "crop"])
+# older schema_versions' topk: what tests write to check that old atlases still open. 2: a `crop`
+# column (the row's own crop object) instead of `input`; 1: neither
+TOPK_SCHEMA_V1 = pa.schema([f for f in TOPK_SCHEMA if f.name != "input"])
+TOPK_SCHEMA_V2 = TOPK_SCHEMA_V1.append(pa.field("crop", pa.string()))
 # rows per Parquet row group of topk: a query for one unit reads one small group (stats pruning)
 TOPK_ROW_GROUP = 4096
 
@@ -54,11 +59,18 @@ def crop_name(kind: str, rank: int) -> str:
 
 
 def crop_key(image: str, box) -> str:
-    """Schema version 2: the one object holding the crop `box` (x0, y0, x1, y1) of dataset image
+    """Schema version 2 (written by older deepvis; readers still open it): the one object holding the crop `box` (x0, y0, x1, y1) of dataset image
     `image`, shared by every (layer, unit, kind, rank) with that image and box."""
     x0, y0, x1, y1 = (int(v) for v in box)
     digest = hashlib.sha256(f"{image}\n{x0},{y0},{x1},{y1}".encode()).hexdigest()[:24]
     return f"{CROPS}/{digest}.jpg"
+
+
+def input_key(image: str) -> str:
+    """Schema version 3: the one object holding dataset image `image` preprocessed (resized and
+    centre-cropped to the model's input, not normalized), shared by every topk row of that image;
+    each row's crop is its box cut from it."""
+    return f"{INPUTS}/{hashlib.sha256(image.encode()).hexdigest()[:24]}.jpg"
 
 
 def record_key(shard_id: str) -> str:

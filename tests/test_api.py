@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import io
 import json
 import os
 import re
@@ -151,10 +152,14 @@ def test_top_crops_equal_stored_objects(tiny):
             assert [(r.rank, r.image, r.y, r.x, r.box) for r in rows] == [
                 (w["rank"], w["image"], w["y"], w["x"], (w["x0"], w["y0"], w["x1"], w["y1"])) for w in want]
             for r, w in zip(rows, want):
+                # schema 3: the crop is the row's box cut from its stored input image, exactly
                 stored = out / w["crop"]
-                assert r.crop_bytes == stored.read_bytes()
-                assert np.array_equal(np.asarray(r.crop), np.asarray(Image.open(stored)))
+                assert w["crop"] == layout.input_key(r.image) and r.crop_box == r.box
+                assert np.array_equal(np.asarray(r.crop), np.asarray(Image.open(stored).crop(r.box)))
                 assert r.crop.size == (r.box[2] - r.box[0], r.box[3] - r.box[1])
+                jpeg = Image.open(io.BytesIO(r.crop_bytes))   # re-encoded at quality 95: close, not equal
+                assert jpeg.format == "JPEG" and jpeg.size == r.crop.size
+                assert np.abs(np.asarray(jpeg, dtype=int) - np.asarray(r.crop, dtype=int)).mean() < 3
 
 
 def brute_maps(lite0, images) -> np.ndarray:
@@ -201,7 +206,8 @@ def test_repr_escapes_atlas_strings(synthetic):
     assert fc0.top(1)[0].image == f"odd/{XSS_FILE}" and fc0.label == XSS_LABEL
     assert dataclasses.asdict(fc0.top(1)[0]) == {   # plain data: no store inside
         "layer": OUT, "unit": 0, "kind": "top", "rank": 0, "activation": fc0.top(1)[0].activation,
-        "image": f"odd/{XSS_FILE}", "y": 0, "x": 1, "box": (0, 0, 100, 120), "crop_key": atlas.reader.top_images(OUT, 0, 1)[0]["crop"]}
+        "image": f"odd/{XSS_FILE}", "y": 0, "x": 1, "box": (0, 0, 100, 120), "crop_key": atlas.reader.top_images(OUT, 0, 1)[0]["crop"],
+        "crop_box": None}   # schema 1: the object is the crop
     for markup in (fc0._repr_html_(), atlas.unit(XSS_LAYER, 1)._repr_html_(), atlas._repr_html_()):
         assert_safe(markup)
         assert "<img src=x" not in markup and "<script>" not in markup and "<b>bold" not in markup

@@ -343,10 +343,42 @@ async function loadAtlas(layer, unit) {
     if (!d[kind].length) continue;
     box.append(el("h3", { text: kind === "top" ? "top dataset crops" : "bottom dataset crops" }),
       el("div", { class: "row crops", id: `atlas-${kind}` }, ...d[kind].map((t) =>
-        el("figure", { "data-rank": t.rank, title: t.image }, el("img", { src: t.url, alt: t.image }),
+        el("figure", { "data-rank": t.rank, title: t.image }, cropMedia(t, d.input_size),
           el("figcaption", { text: fmt(t.activation) })))));
   }
   box.dataset.state = "loaded";
+}
+
+// a top/bottom crop of the atlas: its object (url), or the box crop_box cut out of it when the
+// object is the whole input image (schema 3 atlases); a "missing" placeholder when there is none
+function cropMedia(t, S) {
+  const missing = () => el("div", { class: "ph", role: "img", "aria-label": "crop missing", text: "missing" });
+  if (!t.url) return missing();
+  const img = el("img", { src: t.url, alt: t.image });
+  const media = t.crop_box ? clipped(img, t.crop_box, S) : img;
+  img.addEventListener("error", () => media.replaceWith(missing()), { once: true });
+  return media;
+}
+
+// a frame of the crops' size holding a clip of the box's aspect, in which the input image is scaled
+// and shifted so that exactly the box x0..x1, y0..y1 (pixels of the S x S image) fills it, as the
+// atlas viewer's clippedCrop does. S unknown: the image's own size, once loaded.
+function clipped(img, box, S) {
+  const [x0, y0, x1, y1] = box;
+  const bw = Math.max(1, x1 - x0), bh = Math.max(1, y1 - y0);
+  // enlarged boxes stay crisp (pixelated), reduced ones are smoothed
+  const clip = el("div", { class: `clip${Math.max(bw, bh) < 64 ? " up" : ""}`, "data-box": box.join(",") }, img);
+  clip.style.width = `${bw >= bh ? 100 : (100 * bw) / bh}%`;
+  clip.style.height = `${bw >= bh ? (100 * bh) / bw : 100}%`;
+  const place = (sw, sh) => {
+    img.style.width = `${(100 * sw) / bw}%`;
+    img.style.height = `${(100 * sh) / bh}%`;
+    img.style.left = `${(-100 * x0) / bw}%`;
+    img.style.top = `${(-100 * y0) / bh}%`;
+  };
+  if (S > 0) place(S, S);
+  else img.addEventListener("load", () => place(img.naturalWidth, img.naturalHeight), { once: true });
+  return el("div", { class: "crop-frame" }, clip);
 }
 
 window.addEventListener("resize", () => { if ($("grid").naturalWidth) { sizeGrid(); placeSelection(); } });

@@ -15,8 +15,9 @@ Routes
   GET  /api/model              model name, layers (name, kind, shape), atlas facts, limits
   POST /api/frame?layer=L[&unit=U][&client=ID]   body: an image -> JSON (top-5, grid, unit map)
   POST /api/gradient?layer=L&unit=U              body: an image -> PNG (signed gradient, 128 = 0)
-  GET  /api/unit?layer=L&unit=U  the atlas entry of a unit: optimized images, top/bottom crops
-  GET  /atlas/<key>            an object of the atlas (units/..., viewer/...)
+  GET  /api/unit?layer=L&unit=U  the atlas entry of a unit: optimized images, top/bottom crops (each
+                               an object URL, and crop_box when the crop is a box cut from it)
+  GET  /atlas/<key>            an object of the atlas (units/, crops/, inputs/, viewer/ only)
 Latest frame wins: each client (ID) has one slot; a frame still waiting for the model when a newer
 one from the same client arrives is answered 409 and never computed, so lag cannot build up."""
 from __future__ import annotations
@@ -96,6 +97,9 @@ class AtlasLink:
         self.layers = {l["name"]: set(l.get("selected") or range(l["units"]))
                        for l in self.atlas.manifest.get("layers") or []}
         self.has_topk = store.exists(layout.TOPK)
+        # the side of schema 3's input images, which the crop boxes are in (the page scales by it)
+        pre = m.get("preprocessing") or {}
+        self.input_size = pre.get("crop") or m.get("input_size")
         self._lock = threading.Lock()
 
     def facts(self) -> dict:
@@ -122,11 +126,19 @@ class AtlasLink:
         if self.has_topk:
             with self._lock:   # pyarrow reads are single-threaded here (see storage.layout)
                 for kind in ("top", "bottom"):
-                    out[kind] = [{"rank": r["rank"], "activation": r["activation"], "image": r["image"],
-                                  "url": f"/atlas/{r['crop']}"} for r in self.atlas.top_images(layer, unit, 9, kind)]
+                    out[kind] = [_crop_entry(r) for r in self.atlas.top_images(layer, unit, 9, kind)]
+            out["input_size"] = self.input_size
         if self.store.exists("viewer/index.html"):
             out["viewer"] = f"/atlas/viewer/index.html#/layer/{_q(layer)}/unit/{unit}"
         return out
+
+
+def _crop_entry(r: dict) -> dict:
+    """A top/bottom row for the page: url, the object holding the crop (null: none was written);
+    crop_box [x0, y0, x1, y1], the box to cut from it (schema 3: the object is the whole input image,
+    of the entry's input_size px), or null when the object is the crop itself."""
+    return {"rank": r["rank"], "activation": r["activation"], "image": r["image"],
+            "url": f"/atlas/{r['crop']}" if r["crop"] else None, "crop_box": r.get("crop_box")}
 
 
 def _q(s: str) -> str:
@@ -262,7 +274,7 @@ class LiveHandler(GuardedHandler):
             key = parse_path(path[len("/atlas"):])
         except UnicodeDecodeError:
             key = None
-        if not key or not key.startswith(("units/", "crops/", "viewer/")) \
+        if not key or not key.startswith(("units/", "crops/", "inputs/", "viewer/")) \
                 or any(p.startswith(".tmp-") for p in key.split("/")):
             raise HTTPError(HTTPStatus.NOT_FOUND if key else HTTPStatus.BAD_REQUEST, "not an atlas object")
         try:

@@ -2,7 +2,8 @@
 //
 // Reads ./data/model.json and ./data/layers/<layer>.json (written by atlas_viewer/publish.py), the
 // layer sprite sheets ./data/sprites/<layer>/<preset>-<n>.png, and the atlas's own images
-// ../units/<layer>/<unit>/<preset>.png, and the dataset crops the layer data's rows name: schema 2's
+// ../units/<layer>/<unit>/<preset>.png, and the dataset crops the layer data's rows name: schema 3's
+// input images ../inputs/<sha>.jpg (a row's crop is its box cut out of one: clippedCrop), schema 2's
 // shared ../crops/<sha>.jpg, or schema 1's ../units/<layer>/<unit>/top-<r>.jpg. All URLs are relative, so the
 // viewer works wherever the atlas lies (a static server, an S3 website, `deepvis serve`).
 //
@@ -151,8 +152,8 @@ function unitImageURL(layer, unit, name) {
   return `${UNITS}${enc(layer)}/${enc(unit)}/${enc(name)}?v=${enc(state.version)}`;
 }
 
-// a top/bottom row's crop: the key publish.py wrote (row[10], either layout), else (a layer file of an
-// older publish) schema 1's per-unit name
+// the object of a top/bottom row's crop: the key publish.py wrote (row[10], any layout; with row[11]
+// = 1 an input image the crop is cut from), else (a layer file of an older publish) schema 1's per-unit name
 function cropURL(d, u, kind, rank, key) {
   return key ? `../${encPath(key)}?v=${enc(state.version)}` : unitImageURL(d.name, u, `${kind}-${rank}.jpg`);
 }
@@ -175,7 +176,8 @@ function loadSheet(url) {
 }
 
 // link to the full source image of a top/bottom row: the dataset served by `deepvis serve`, an
-// http(s) dataset, or else the crop itself (the id is shown as text either way)
+// http(s) dataset, or else the row's object (the crop, or the input image it is cut from; the id is
+// shown as text either way)
 function sourceURL(id, cropURL) {
   if (state.datasetRoute) return `../dataset/${encPath(id)}`;
   const uri = state.model.dataset && state.model.dataset.uri;
@@ -501,29 +503,65 @@ async function renderUnit(v, route) {
 // after its viewer data was written), never a broken image
 function imgOrMissing(attrs, missingText) {
   const e = el("img", { ...attrs, decoding: "async" });
-  e.addEventListener("error", () => {
-    const ph = el("div", { class: "ph missing", "data-missing": "missing", role: "img", "aria-label": missingText, text: missingText });
-    (e.parentElement && e.parentElement.tagName === "A" ? e.parentElement : e).replaceWith(ph);
-  }, { once: true });
+  replaceOnError(e, e, missingText);
   return e;
+}
+
+// when img fails to load, `outer` (the element showing it), or the link around it, becomes the placeholder
+function replaceOnError(img, outer, missingText) {
+  img.addEventListener("error", () => {
+    const ph = el("div", { class: "ph missing", "data-missing": "missing", role: "img", "aria-label": missingText, text: missingText });
+    (outer.parentElement && outer.parentElement.tagName === "A" ? outer.parentElement : outer).replaceWith(ph);
+  }, { once: true });
+}
+
+// a crop that is the box x0..x1, y0..y1 (pixels of the S x S input image, x1/y1 exclusive) of the
+// whole input image at attrs.src (schema 3: one object per dataset image, not one per crop): a
+// frame of the crops' display size holding a clip of the box's aspect, in which the image is
+// scaled and shifted so that exactly the box fills it. Percentages of the clip, so the CSS size of
+// the frame (120 px, 96 px on a phone) is all the layout needs. S unknown (a layer file without
+// input_size): the image's own size, once loaded.
+function clippedCrop(attrs, box, S, missingText) {
+  const [x0, y0, x1, y1] = box;
+  const bw = Math.max(1, x1 - x0), bh = Math.max(1, y1 - y0);
+  const { title, ...imgAttrs } = attrs;
+  const img = el("img", { ...imgAttrs, decoding: "async" });
+  // enlarged boxes stay crisp (pixelated), reduced ones are smoothed (nearest-neighbour reduction aliases)
+  const clip = el("div", { class: `clip${Math.max(bw, bh) < 120 ? " up" : ""}`, "data-box": box.join(",") }, img);
+  clip.style.width = `${bw >= bh ? 100 : (100 * bw) / bh}%`;
+  clip.style.height = `${bw >= bh ? (100 * bh) / bw : 100}%`;
+  const place = (sw, sh) => {
+    img.style.width = `${(100 * sw) / bw}%`;
+    img.style.height = `${(100 * sh) / bh}%`;
+    img.style.left = `${(-100 * x0) / bw}%`;
+    img.style.top = `${(-100 * y0) / bh}%`;
+  };
+  if (S > 0) place(S, S);
+  else img.addEventListener("load", () => place(img.naturalWidth, img.naturalHeight), { once: true });
+  const frame = el("div", { class: "crop-frame", title }, clip);
+  replaceOnError(img, frame, missingText);
+  return frame;
 }
 
 function cropFigure(d, u, kind, rank, r) {
   const [act, img, y, x, x0, y0, x1, y1, present] = r;
   const id = d.images[img];
-  const crop = cropURL(d, u, kind, rank, r[10]);
+  const url = cropURL(d, u, kind, rank, r[10]);
+  const cut = r[11] === 1;            // url is the whole input image; the crop is the box cut from it
   const why = present ? null : (d.failedCrop.has(u) ? "failed" : "missing");
+  const attrs = { src: url, alt: `${kind} ${rank}: ${id}`, title: `box (${x0},${y0})–(${x1},${y1}), map position (${y},${x})` };
   const media = why
     ? el("div", { class: `ph ${why}`, "data-missing": why, role: "img", "aria-label": `crop ${why}`, text: `crop ${why}` })
-    : imgOrMissing({ src: crop, alt: `${kind} ${rank}: ${id}`, title: `box (${x0},${y0})–(${x1},${y1}), map position (${y},${x})` }, "crop missing");
-  const src = sourceURL(id, why ? null : crop);
+    : cut ? clippedCrop(attrs, [x0, y0, x1, y1], d.input_size ?? (state.model.model || {}).input_size, "crop missing")
+      : imgOrMissing(attrs, "crop missing");
+  const src = sourceURL(id, why ? null : url);
   return el("figure", { "data-kind": kind, "data-rank": rank, "data-activation": act === null ? "" : act, "data-image": id },
     src ? el("a", { href: src, target: "_blank", rel: "noopener noreferrer", title: id }, media) : media,
     el("figcaption", {},
       `#${rank} `, el("span", { class: `act ${kind}-act`, text: fmt(act) }),
       el("span", { class: "id", title: id, text: id }),
       src ? el("a", { class: "src", href: src, target: "_blank", rel: "noopener noreferrer",
-        text: state.datasetRoute || src !== crop ? "source image" : "crop" }) : null));
+        text: src !== url ? "source image" : cut ? "input image" : "crop" }) : null));
 }
 
 function modernPresets() {

@@ -61,6 +61,6 @@ def run(args) -> int:
           f"  deepvis serve {args.out}      (then open http://127.0.0.1:8000/)\n"
           f"  deepvis status {args.out}\n"
           f"  deepvis query {args.out} --layer _fc --unit 1\n"
-          f"  images: {summary['atlas']}/units/<layer>/<unit>/yosinski-3.png; crops: {summary['atlas']}/crops/ "
-          f"(index/topk.parquet names each row's)")
+          f"  images: {summary['atlas']}/units/<layer>/<unit>/yosinski-3.png; dataset inputs: "
+          f"{summary['atlas']}/inputs/ (index/topk.parquet names each row's, and its crop's box)")
     return 0 if summary["status"] == "complete" else 1

@@ -23,6 +23,8 @@ def add_parser(sub):
                                    "atlas never chooses code to run)")
     p.add_argument("--weights", help="with --image: the state_dict the atlas was built with, when it was built "
                                      "with --weights PATH")
+    p.add_argument("--save", metavar="DIR", help="with --layer/--unit: also write each row's receptive-field crop "
+                                               "to DIR as <kind>-<rank>.jpg (cut from the atlas's stored image)")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -36,16 +38,46 @@ def run(args) -> int:
         return print_image_query(atlas, args)
     if args.layer is None or args.unit is None:
         raise UserError("give --layer and --unit (or --image FILE); `deepvis status STORE` lists the layers")
-    rows = atlas.reader.top_images(args.layer, args.unit, args.k, "bottom" if args.bottom else "top")
+    kind = "bottom" if args.bottom else "top"
+    rows = atlas.reader.top_images(args.layer, args.unit, args.k, kind)
+    if args.save:
+        save_crops(atlas, args.layer, args.unit, args.k, kind, args.save)
     if args.json:
         print(json.dumps(rows))
         return 0
     print(f"{'rank':>4} {'activation':>11} {'y':>3} {'x':>3}  image  ->  crop")
     for r in rows:
-        # the crop's key in the atlas (either layout, storage.atlas.crop_key); none when never written
-        print(f"{r['rank']:>4} {r['activation']:>11.4f} {r['y']:>3} {r['x']:>3}  {r['image']}  ->  "
-              f"{r['crop'] or '(no crop)'}")
+        # the object holding the crop (any layout, storage.atlas.crop_ref) and, for an atlas of
+        # schema 3, the box to cut from that input image; none when never written
+        where = r["crop"] or "(no crop)"
+        if r["crop"] and r.get("crop_box"):
+            where += " box {},{},{},{}".format(*r["crop_box"])
+        print(f"{r['rank']:>4} {r['activation']:>11.4f} {r['y']:>3} {r['x']:>3}  {r['image']}  ->  {where}")
     return 0
+
+
+def save_crops(atlas, layer: str, unit: int, k: int, kind: str, out: str) -> None:
+    """--save DIR: the rows' crops as JPEG files; a crop that was never written or is missing is
+    skipped with a note on stderr (the others are still written)."""
+    import os
+    import sys
+
+    from deepvis.storage.errors import StoreError
+    from deepvis.tasks.errors import UserError
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--save {out!r}: cannot create the directory ({e.strerror}); name a writable one") from None
+    u = atlas.unit(layer, unit)
+    for r in (u.top(k) if kind == "top" else u.bottom(k)):
+        try:
+            data = r.crop_bytes
+        except StoreError as e:
+            print(f"deepvis query: {kind} {r.rank}: no crop saved: {e}", file=sys.stderr)
+            continue
+        with open(os.path.join(out, f"{kind}-{r.rank}.jpg"), "wb") as f:
+            f.write(data)
 
 
 def print_image_query(atlas, args) -> int:

@@ -30,6 +30,46 @@ def synthetic(tmp_path_factory):
     return facts
 
 
+# ---------------------------------------------------------------- schema 3: crops cut from input images
+# boxes of every kind (x0, y0, x1, y1 in the 224 px input): the whole image, small ones the viewer
+# enlarges, a wide and a tall one, one just over the 120 px display size, a 10 x 5 sliver
+SCHEMA3_BOXES = [(0, 0, 224, 224), (37, 50, 61, 98), (10, 20, 210, 120), (100, 3, 147, 50), (60, 60, 188, 188),
+                 (5, 90, 15, 95), (150, 30, 210, 224)]
+
+
+def structured_jpeg(size: int, seed: int) -> bytes:
+    """A size x size JPEG (4:4:4, quality 95) in which a region differs from its neighbours: red ramps
+    along x, green along y, blue is a 16 px checkerboard shifted by `seed`. A box cut a few pixels off,
+    or scaled wrongly, compares far from the right one (random noise would average out)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    y, x = np.mgrid[0:size, 0:size]
+    rgb = np.stack([x * 255 // (size - 1), y * 255 // (size - 1),
+                    (((x + 5 * seed) // 16 + y // 16) % 2) * 255], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+def schema3_atlas(root: Path, big_units: int = 16) -> dict:
+    """The synthetic atlas in schema 3 (one input image per dataset image, each row's crop its box
+    cut from it), with the boxes of SCHEMA3_BOXES in turn (the missing crop's row keeps its own) and
+    structured_jpeg inputs, so that a crop shown from the wrong place is seen."""
+    import pyarrow.parquet as pq
+    facts = make_synthetic_atlas(root, big_units=big_units, schema=3)
+    store = facts["store"]
+    rows = pq.read_table(root / layout.TOPK).to_pylist()
+    for i, r in enumerate(rows):
+        if (r["layer"], r["unit"], r["kind"], r["rank"]) != facts["missing_crop"]:
+            r["x0"], r["y0"], r["x1"], r["y1"] = SCHEMA3_BOXES[i % len(SCHEMA3_BOXES)]
+    layout.write_topk(store, {f.name: [r[f.name] for r in rows] for f in layout.TOPK_SCHEMA})
+    for seed, key in enumerate(store.list(f"{layout.INPUTS}/")):
+        store.put(key, structured_jpeg(224, seed))
+    return facts
+
+
 @pytest.fixture(scope="session")
 def synthetic_server(synthetic):
     s = serve(synthetic["store"])

@@ -135,6 +135,7 @@ def test_live_webcam_grid_top5_and_atlas(live_server, camera_page):
     assert pg.eval_on_selector_all("#atlas-bottom figure", "els => els.length") == 3
     assert pg.evaluate("() => document.querySelector('#gradient').naturalWidth") == 224
     assert pg.evaluate("() => document.querySelector('#unit-map').naturalWidth") == 56
+    _check_atlas_clips(pg, 4)
     box = pg.evaluate("() => { const s = document.querySelector('#sel'); return s.hidden ? null : s.offsetLeft; }")
     assert box is not None and abs(box - 4 * 57 * z) <= 2
     screenshot(pg, "live-unit.png")
@@ -150,6 +151,32 @@ def test_live_webcam_grid_top5_and_atlas(live_server, camera_page):
     pg.click("#grid", position={"x": 1 * 57 * z + 28 * z, "y": (2 * 57 + 28) * z})     # unit 11
     pg.wait_for_selector('#atlas[data-state="absent"]', timeout=30000)
     assert "not in the atlas" in pg.text_content("#atlas")
+
+
+def _check_atlas_clips(pg, unit):
+    """The unit's atlas crops as /api/unit gives them: a row with crop_box (a schema 3 atlas, what
+    the build writes) is its input image in a clip of the box's aspect at the crops' 64 px, scaled
+    and shifted so that exactly the box shows; a row without is the crop object itself."""
+    e = pg.evaluate(f"() => fetch('/api/unit?layer={LAYER}&unit={unit}').then(r => r.json())")
+    shown = pg.eval_on_selector_all("#atlas-top figure, #atlas-bottom figure", """els => els.map(f => {
+      const c = f.querySelector('.clip'), i = f.querySelector('img');
+      if (!c) return {src: i.getAttribute('src')};
+      const cr = c.getBoundingClientRect(), ir = i.getBoundingClientRect();
+      return {src: i.getAttribute('src'), clip: [cr.width, cr.height],
+              img: [ir.left - cr.left, ir.top - cr.top, ir.width, ir.height]}; })""")
+    rows = e["top"] + e["bottom"]
+    assert len(shown) == len(rows) and all(t["url"] for t in rows)
+    for t, c in zip(rows, shown):
+        assert c["src"] == t["url"]
+        if t["crop_box"] is None:
+            assert "clip" not in c
+            continue
+        x0, y0, x1, y1 = t["crop_box"]
+        s = min(64 / (x1 - x0), 64 / (y1 - y0))
+        assert c["clip"] == pytest.approx([(x1 - x0) * s, (y1 - y0) * s], abs=0.05), (t, c)
+        S = e["input_size"]
+        # layout rounds the clip to 1/64 px, and the image is a percentage of it: 5e-4 relative
+        assert c["img"] == pytest.approx([-x0 * s, -y0 * s, S * s, S * s], rel=5e-4, abs=0.05), (t, c)
 
 
 def test_live_images_and_bad_upload(live_server, camera_page):

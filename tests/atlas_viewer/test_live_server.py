@@ -33,26 +33,36 @@ def coffee_jpeg():
     return _jpeg(data.coffee())
 
 
-def _tiny_atlas(root, presets=("yosinski-3",)):
-    """An atlas of efficientnet_lite0 written as FORMAT.md lays it out: units 0..2 of _blocks.3, in
-    schema 1's crop layout (per-unit crops; atlases built before schema 2 must keep working here)."""
+def _tiny_atlas(root, presets=("yosinski-3",), schema=1):
+    """An atlas of efficientnet_lite0 written as FORMAT.md lays it out: units 0..2 of _blocks.3. Schema
+    1's crop layout by default (per-unit crops; atlases built before schema 2 must keep working here);
+    schema 3: one 224 px input image per dataset image, each crop a box of it (unit 2's bottom rank 1
+    has no input: its image was unreadable in the build)."""
     store = LocalStore(root)
     rng = np.random.default_rng(1)
-    cols = {f.name: [] for f in layout.TOPK_SCHEMA_V1}
+    tschema = layout.TOPK_SCHEMA if schema == 3 else layout.TOPK_SCHEMA_V1
+    cols = {f.name: [] for f in tschema}
     for u in range(3):
         for p in presets:
             store.put(layout.unit_key(LAYER, u, f"{p}.png"), _png(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)))
         for kind in ("top", "bottom"):
             for r in range(2):
-                store.put(layout.unit_key(LAYER, u, layout.crop_name(kind, r)), _jpeg(np.full((8, 8, 3), 40 * r, np.uint8)))
+                image, box = f"n01/<b>{u}-{r}</b>.JPEG", (0, 0, 10, 10) if schema == 1 else (3 + u, 5 * r, 40 + u, 30 + r)
+                inp = None if schema == 1 or (u, kind, r) == (2, "bottom", 1) else layout.input_key(image)
+                if schema == 1:
+                    store.put(layout.unit_key(LAYER, u, layout.crop_name(kind, r)), _jpeg(np.full((8, 8, 3), 40 * r, np.uint8)))
+                elif inp is not None:
+                    store.put(inp, _jpeg(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)))
                 for c, v in (("layer", LAYER), ("unit", u), ("kind", kind), ("rank", r), ("activation", 9.0 - r),
-                             ("image", f"n01/<b>{u}-{r}</b>.JPEG"), ("y", 0), ("x", 0), ("x0", 0), ("y0", 0),
-                             ("x1", 10), ("y1", 10)):
-                    cols[c].append(v)
-    layout.write_topk(store, cols, layout.TOPK_SCHEMA_V1)
+                             ("image", image), ("y", 0), ("x", 0), ("x0", box[0]), ("y0", box[1]),
+                             ("x1", box[2]), ("y1", box[3]), ("input", inp)):
+                    if c in cols:
+                        cols[c].append(v)
+    layout.write_topk(store, cols, tschema)
     layout.put_json(store, layout.MANIFEST, {
-        "schema_version": 1, "status": "complete",
-        "model": {"name": "efficientnet_lite0", "source": "package", "weights": "default"},
+        "schema_version": schema, "status": "complete",
+        "model": {"name": "efficientnet_lite0", "source": "package", "weights": "default", "input_size": 224,
+                  "preprocessing": {"resize": 256, "crop": 224}},
         "layers": [{"name": LAYER, "units": 40, "shape": [40, 28, 28], "selected": [0, 1, 2]}],
         "presets": [{"name": p} for p in presets], "k": 2})
     return store
@@ -144,14 +154,50 @@ def test_atlas_entry_and_objects(served):
     assert status == 200 and e["in_atlas"]
     assert [p["name"] for p in e["presets"]] == ["yosinski-3"]
     assert [t["rank"] for t in e["top"]] == [0, 1] and e["top"][0]["image"] == "n01/<b>1-0</b>.JPEG"
+    assert all(t["crop_box"] is None for t in e["top"] + e["bottom"])       # schema 1: the object is the crop
     for url in [e["presets"][0]["url"]] + [t["url"] for t in e["top"] + e["bottom"]]:
         status, ctype, data = cl.request("GET", url)
         assert status == 200 and ctype.startswith("image/") and data
     status, e = cl.json("GET", f"/api/unit?layer={LAYER}&unit=7")       # a unit the atlas lacks
     assert status == 200 and not e["in_atlas"] and "not in the atlas" in e["reason"]
-    assert cl.request("GET", "/atlas/manifest.json")[0] == 404                  # only units/, crops/ and viewer/
+    assert cl.request("GET", "/atlas/manifest.json")[0] == 404         # only units/, crops/, inputs/ and viewer/
     assert cl.request("GET", "/atlas/units/../manifest.json")[0] == 400
     assert cl.request("GET", f"/atlas/units/{LAYER}/9/yosinski-3.png")[0] == 404
+
+
+def test_atlas_entry_and_objects_of_a_schema3_atlas(lite0, tmp_path):
+    """Schema 3: /api/unit gives each crop as its input image's URL plus the box to cut from it
+    (crop_box) and the input size the box is in; /atlas/ serves inputs/ objects (and still refuses
+    what is not an atlas image); a row without an input has no URL."""
+    from deepvis.atlas_viewer.live.server import make_server
+    store = _tiny_atlas(tmp_path / "a", schema=3)
+    server = make_server(lite0, "127.0.0.1", 0, atlas_store=store)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cl = Client(server)
+    try:
+        status, e = cl.json("GET", f"/api/unit?layer={LAYER}&unit=2")
+        assert status == 200 and e["in_atlas"] and e["input_size"] == 224
+        for kind in ("top", "bottom"):
+            assert [t["rank"] for t in e[kind]] == [0, 1]
+            for t in e[kind]:
+                assert t["crop_box"] == [5, 5 * t["rank"], 42, 30 + t["rank"]]
+                if (kind, t["rank"]) == ("bottom", 1):
+                    assert t["url"] is None
+                    continue
+                key = layout.input_key(t["image"])
+                assert t["url"] == f"/atlas/{key}"
+                status, ctype, data = cl.request("GET", t["url"])
+                assert status == 200 and ctype == "image/jpeg" and data == store.get(key)
+        status, ctype, data = cl.request("HEAD", e["top"][0]["url"])
+        assert status == 200 and ctype == "image/jpeg" and data == b""
+        assert cl.request("GET", "/atlas/inputs/0123456789abcdef01234567.jpg")[0] == 404
+        assert cl.request("GET", "/atlas/inputs/../manifest.json")[0] == 400
+        assert cl.request("GET", "/atlas/manifest.json")[0] == 404
+        assert cl.request("GET", f"/atlas/{layout.TOPK}")[0] == 404
+        assert cl.request("GET", "/atlas/inputsx/a.jpg")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_atlas_of_another_model_is_not_joined(lite0, tmp_path):

@@ -13,9 +13,11 @@ from PIL import Image
 
 from deepvis.atlas_viewer import publish as pub
 from deepvis.storage import layout
+from deepvis.storage.atlas import CropRef
 from deepvis.storage.store import LocalStore
 
-from tests.atlas_viewer.conftest import BIG, MID, OUT, XSS_FILE, XSS_LABEL, XSS_LAYER, ROOT, make_synthetic_atlas
+from tests.atlas_viewer.conftest import (BIG, MID, OUT, ROOT, XSS_FILE, XSS_LABEL, XSS_LAYER, make_synthetic_atlas,
+                                         schema3_atlas)
 
 
 def strict_json(path):
@@ -90,7 +92,8 @@ def test_layer_json_matches_indexes(small):
             assert d["images"][row[1]] == r["image"]
             assert row[2:8] == [r["y"], r["x"], r["x0"], r["y0"], r["x1"], r["y1"]]
             assert row[9] == r["rank"]
-            assert row[8] == int(store.exists(layout.unit_key(l["name"], r["unit"], f"{r['kind']}-{r['rank']}.jpg")))
+            key = layout.unit_key(l["name"], r["unit"], f"{r['kind']}-{r['rank']}.jpg")   # schema 1
+            assert row[8] == int(store.exists(key)) and row[10:] == [key, 0] and len(row) == 12
     fc = layer_json(small, OUT)
     assert fc["labels"][0] == XSS_LABEL and fc["labels"][1] == "class_1"
     assert layer_json(small, MID)["labels"] is None
@@ -183,7 +186,7 @@ def test_sprites_fetch_and_decode_a_shared_crop_once(tmp_path):
         Image.new("RGB", (224, 224), c).save(buf, format="PNG")
         keys.append(f"crops/{i}.png")
         store.put(keys[-1], buf.getvalue())
-    view = [keys[u % 3] for u in range(300)]
+    view = [CropRef(keys[u % 3]) for u in range(300)]
     cache = pub._TileCache()
     for layer in ("a", "b"):
         names, ok = pub._write_sprites(store, layer, "top-0", view, [1] * 300, 8, 256, cache)
@@ -193,3 +196,107 @@ def test_sprites_fetch_and_decode_a_shared_crop_once(tmp_path):
     for j in range(300 - 256):                    # the second sheet: units 256.. in 16 columns
         px = sheet.getpixel(((j % 16) * 8 + 4, (j // 16) * 8 + 4))      # a JPEG sheet: near, not equal
         assert max(abs(a - b) for a, b in zip(px, colors[(256 + j) % 3])) <= 12, (j, px)
+
+
+class Counting(LocalStore):
+    """A LocalStore that records the key of every object read through get_or_none."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.gets = []
+
+    def get_or_none(self, key):
+        self.gets.append(key)
+        return super().get_or_none(key)
+
+
+@pytest.fixture(scope="module")
+def schema3(tmp_path_factory):
+    """A schema 3 atlas (conftest.schema3_atlas: boxes of every kind cut from structured input
+    images), published through a store that counts its reads."""
+    facts = schema3_atlas(tmp_path_factory.mktemp("pub3") / "atlas")
+    store = Counting(str(facts["root"]))
+    facts["model_json"] = pub.publish(store)
+    facts["gets"] = store.gets
+    return facts
+
+
+def test_schema3_rows_name_the_input_and_the_box(schema3):
+    """Layer rows of a schema 3 atlas: key = the row's input image (inputs/<sha>.jpg of its dataset
+    image), cut = 1, present = that object exists; input_size = the model's input, which the boxes
+    are in. The row whose input was never written is present 0 and counted as a missing crop."""
+    store, root = schema3["store"], schema3["root"]
+    topk = pq.read_table(root / layout.TOPK).to_pylist()
+    for l in schema3["layers"]:
+        d = layer_json(schema3, l["name"])
+        assert d["input_size"] == 224
+        for r in (r for r in topk if r["layer"] == l["name"]):
+            row = d[r["kind"]][d["units"].index(r["unit"])][r["rank"]]
+            assert row[4:8] == [r["x0"], r["y0"], r["x1"], r["y1"]] and row[9] == r["rank"]
+            missing = (r["layer"], r["unit"], r["kind"], r["rank"]) == schema3["missing_crop"]
+            assert row[10] == r["input"] == layout.input_key(r["image"] + ("#missing" if missing else ""))
+            assert row[11] == 1 and row[8] == int(not missing) == int(store.exists(row[10]))
+    mid = {l["name"]: l for l in schema3["model_json"]["layers"]}[MID]
+    assert mid["problems"]["crops_missing"] == [0] and mid["crops"] == mid["crops_expected"] - 1
+
+
+def _expected_top_sheet(root, d, n: int, per: int | None = None) -> np.ndarray:
+    """Sheet n of a layer's top-0 view (per tiles a sheet; default the layer data's) as it must be:
+    each unit's rank-0 box cut from its input image with PIL and made a tile (enlarged pixel by
+    pixel when smaller, else averaged down), encoded as publish encodes a top-0 sheet; decoded."""
+    per = per or d["per_sheet"]
+    tile, cols = d["tile"], math.ceil(math.sqrt(per))
+    units = d["units"][n * per:(n + 1) * per]
+    sheet = Image.new("RGB", (min(len(units), cols) * tile, math.ceil(len(units) / cols) * tile))
+    for j in range(len(units)):
+        row = d["top"][n * per + j][0]
+        crop = Image.open(root / row[10]).convert("RGB").crop(tuple(row[4:8]))
+        up = crop.width < tile and crop.height < tile
+        sheet.paste(crop.resize((tile, tile), Image.NEAREST if up else Image.BOX), ((j % cols) * tile, (j // cols) * tile))
+    return np.asarray(Image.open(__import__("io").BytesIO(pub._encode_sheet(sheet, pub.TOP_VIEW))).convert("RGB"))
+
+
+def test_schema3_top_tiles_are_the_boxes_cut_from_the_inputs(schema3):
+    """The top-0 grid view of a schema 3 atlas: each unit's tile is its rank-0 box cut out of the
+    input image (not the whole image, not another box), pixel for pixel."""
+    root = schema3["root"]
+    boxes = set()
+    for name in (MID, OUT, XSS_LAYER):
+        d = layer_json(schema3, name)
+        assert d["views"][-1] == pub.TOP_VIEW and d["image"][pub.TOP_VIEW] == [1] * len(d["units"])
+        got = np.asarray(Image.open(root / pub.sprite_key(name, pub.TOP_VIEW, 0)).convert("RGB"))
+        assert np.array_equal(got, _expected_top_sheet(root, d, 0)), name
+        boxes.update(tuple(d["top"][i][0][4:8]) for i in range(len(d["units"])))
+    assert len(boxes) >= 5                            # whole, enlarged, reduced, wide and tall boxes
+
+
+def test_schema3_each_input_is_fetched_once_per_publish(schema3):
+    """A publish reads each input image that a top-0 tile is cut from once, however many units and
+    layers cut boxes from it, and no input that no tile needs (the layer rows only list them)."""
+    from collections import Counter
+    topk = pq.read_table(schema3["root"] / layout.TOPK).to_pylist()
+    first = [r for r in topk if r["kind"] == "top" and r["rank"] == 0]
+    reads = Counter(k for k in schema3["gets"] if k.startswith(f"{layout.INPUTS}/"))
+    assert reads == Counter({r["input"]: 1 for r in first})
+    # the reuse is real: more (input, box) tiles and more units than inputs
+    assert len({(r["input"], r["x0"], r["y0"], r["x1"], r["y1"]) for r in first}) > len(reads) > 1
+
+
+def test_schema3_tiles_with_an_input_cache_too_small_for_one_image(tmp_path):
+    """The decoded-input cache is bounded: at 1 byte it keeps nothing (nor does a tile cache of 0),
+    and the tiles stay right; each input is still fetched once for all its boxes in the layer, over
+    3 sheets."""
+    facts = schema3_atlas(tmp_path / "atlas", big_units=4)
+    store = Counting(str(facts["root"]))
+    pub.publish(store)
+    d = layer_json(facts, OUT)
+    refs = [CropRef(d["top"][i][0][10], tuple(d["top"][i][0][4:8])) for i in range(len(d["units"]))]
+    cache = pub._TileCache(size=0, input_bytes=1)
+    store.gets.clear()
+    names, ok = pub._write_sprites(store, OUT, pub.TOP_VIEW, refs, [1] * len(refs), d["tile"], 4, cache)
+    assert ok == [1] * len(refs) and len(cache.inputs.images) <= 1 and len(names) == 3
+    assert sorted(store.gets) == sorted({r.key for r in refs})
+    assert len({r.key for r in refs[:4]} & {r.key for r in refs[4:]}) >= 1   # inputs shared across sheets
+    for n in range(3):
+        got = np.asarray(Image.open(facts["root"] / pub.sprite_key(OUT, pub.TOP_VIEW, n)).convert("RGB"))
+        assert np.array_equal(got, _expected_top_sheet(facts["root"], d, n, per=4)), n

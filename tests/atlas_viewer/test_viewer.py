@@ -3,6 +3,7 @@ on the synthetic atlas (a 1,024-unit layer, missing/dead/failed units, hostile n
 small build. Screenshots go to artifacts/ (git-ignored)."""
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from deepvis.storage import layout
 from tests.atlas_viewer.conftest import (ARTIFACTS, BIG, MID, MISSING_UNIT, OUT, REAL_LAYERS, XSS_FILE, XSS_LABEL,
-                                         XSS_LAYER, screenshot, serve)
+                                         XSS_LAYER, Served, screenshot, serve)
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg")
 
@@ -332,26 +333,154 @@ def test_real_atlas_markup_file_name(page, real_atlas):
         assert page.text_content("#class-name")                # output units show their class name
 
 
-@pytest.mark.parametrize("schema", [1, 2])
-def test_unit_page_crops_of_either_layout(page, tmp_path, schema):
+@pytest.mark.parametrize("schema", [1, 2, 3])
+def test_unit_page_crops_of_every_layout(page, tmp_path, schema):
     """Schema 1 (per-unit crops units/<layer>/<u>/<kind>-<r>.jpg, no `crop` column: atlases built
-    before schema 2) and schema 2 (shared crops/<sha>.jpg named by the `crop` column) both show every
-    crop of a unit page, and an absent one as a placeholder."""
+    before schema 2), schema 2 (shared crops/<sha>.jpg named by the `crop` column) and schema 3 (one
+    inputs/<sha>.jpg per dataset image named by the `input` column, each crop a box of it) all show
+    every crop of a unit page; a row without its object as a placeholder, and so does a crop whose
+    object went away after the publish (never a broken image)."""
     from deepvis.atlas_viewer.publish import publish
     from deepvis.storage.atlas import Atlas
     from tests.atlas_viewer.conftest import make_synthetic_atlas
 
     facts = make_synthetic_atlas(tmp_path / "atlas", big_units=16, schema=schema)
     publish(facts["store"])
+    want = Atlas.open(facts["store"]).top_images(MID, 0, 3)
+    facts["store"].delete(want[1]["crop"])              # gone since the publish
     srv = serve(facts["store"])
     try:
         page.goto(srv.url(f"#/layer/{MID}/unit/0"))
         page.wait_for_selector("#bottom figure")
         assert all_images_loaded(page) == []
+        page.wait_for_selector('#top figure[data-rank="1"] .ph')
         assert page.get_attribute('#bottom figure[data-rank="2"] .ph', "data-missing") == "missing"
+        assert page.get_attribute('#top figure[data-rank="1"] .ph', "data-missing") == "missing"
         srcs = page.eval_on_selector_all(".row.crops.top figure img", "els => els.map(e => e.getAttribute('src'))")
-        want = [r["crop"] for r in Atlas.open(facts["store"]).top_images(MID, 0, 3)]
-        assert [s.split("?")[0] for s in srcs] == [f"../{k}" for k in want] and len(srcs) == 3
-        assert all(k.startswith("crops/" if schema == 2 else f"units/{MID}/0/top-") for k in want)
+        assert [s.split("?")[0] for s in srcs] == [f"../{want[k]['crop']}" for k in (0, 2)]
+        prefix = {1: f"units/{MID}/0/top-", 2: "crops/", 3: "inputs/"}[schema]
+        assert all(r["crop"].startswith(prefix) for r in want)
+        # a schema 3 crop is the input image in a clip; the others the crop object itself
+        assert page.locator("#top .clip img").count() == (2 if schema == 3 else 0)
+        # served with the dataset: the link goes to the source image either way
+        assert page.eval_on_selector_all('#top a.src', "els => els.map(e => e.textContent)") == ["source image"] * 3
     finally:
         srv.stop()
+
+
+def serve_without_dataset(store) -> Served:
+    """`deepvis serve STORE` as users start it by default: no /dataset/ route."""
+    import threading
+
+    from deepvis.atlas_viewer.server import make_server
+    server = make_server(store, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    return Served(server, t, Path(store.uri))
+
+
+# each clip of a unit page: its box, its size, the image's place in it (px, relative to the clip)
+CLIPS = """els => els.map(f => {
+  const c = f.querySelector('.clip'), i = c.querySelector('img');
+  const cr = c.getBoundingClientRect(), ir = i.getBoundingClientRect();
+  return {kind: f.dataset.kind, rank: Number(f.dataset.rank), box: c.dataset.box.split(',').map(Number),
+          clip: [cr.width, cr.height], img: [ir.left - cr.left, ir.top - cr.top, ir.width, ir.height],
+          src: i.getAttribute('src'), rendering: getComputedStyle(i).imageRendering};
+})"""
+
+
+def _shown_vs_cut(shot: bytes, inp, box, up: bool) -> float:
+    """Mean absolute difference (0..255) between a screenshot of a clip and `box` cut from the input
+    image with PIL and scaled to the screenshot's size (nearest when the viewer enlarges pixelated)."""
+    from PIL import Image
+    from PIL import ImageFilter
+    got = Image.open(io.BytesIO(shot)).convert("RGB")
+    want = inp.crop(box).resize(got.size, Image.NEAREST if up else Image.BILINEAR)
+    # a light blur of both: the browser's and PIL's reducing filters differ at the checker's edges
+    got, want = (im.filter(ImageFilter.GaussianBlur(1.5)) for im in (got, want))
+    return float(np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean())
+
+
+def test_schema3_crops_show_exactly_their_box(page, browser, tmp_path):
+    """Schema 3: every crop of a unit page is its box of the input image, whatever the box (the whole
+    image, enlarged small ones, wide, tall, a 10 x 5 sliver): the clip has the box's aspect at the
+    crops' 120 px, the image is scaled and shifted exactly (layout px), and the pixels shown are the
+    box's (a screenshot against PIL's cut, far closer than the box shifted by 6 px). Without a
+    dataset route, the link goes to the whole input image."""
+    from PIL import Image
+
+    from deepvis.atlas_viewer.publish import publish
+    from tests.atlas_viewer.conftest import SCHEMA3_BOXES, schema3_atlas
+
+    facts = schema3_atlas(tmp_path / "atlas")
+    store, root = facts["store"], facts["root"]
+    publish(store)
+    rows = {(r["unit"], r["kind"], r["rank"]): r for r in pq.read_table(root / layout.TOPK).to_pylist()
+            if r["layer"] == MID}
+    seen = set()
+    srv = serve_without_dataset(store)
+    try:
+        for unit in (0, 2):                      # between them, every box of SCHEMA3_BOXES
+            page.goto(srv.url(f"#/layer/{MID}/unit/{unit}"))
+            page.wait_for_function(f"() => document.querySelector('#unit-title')?.textContent === '{MID}:{unit}'")
+            page.wait_for_selector("#bottom figure")
+            assert all_images_loaded(page) == []
+            clips = page.eval_on_selector_all("#top figure, #bottom figure", f"els => ({CLIPS})(els.filter(f => f.querySelector('.clip')))")
+            for c in clips:
+                r = rows[(unit, c["kind"], c["rank"])]
+                box = (r["x0"], r["y0"], r["x1"], r["y1"])
+                seen.add(box)
+                _check_clip(page, c, r, box, Image.open(root / r["input"]).convert("RGB"))
+            if unit == 0:                        # the row whose input was never written
+                assert page.get_attribute('#bottom figure[data-rank="2"] .ph', "data-missing") == "missing"
+                assert len(clips) == 5
+                screenshot(page, "viewer-unit-schema3.png")
+        assert seen == set(SCHEMA3_BOXES)
+        _phone_clips(browser, srv)
+    finally:
+        srv.stop()
+
+
+def _phone_clips(browser, srv):
+    """At a phone's width the crops are 96 px, clips included (box aspect kept), and nothing overflows."""
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+    pg = ctx.new_page()
+    try:
+        pg.goto(srv.url(f"#/layer/{MID}/unit/0"))
+        pg.wait_for_selector("#bottom figure .crop-frame")
+        frames = pg.eval_on_selector_all(".crop-frame", """els => els.map(e => [e.getBoundingClientRect().width,
+            e.getBoundingClientRect().height, ...e.querySelector('.clip').dataset.box.split(',').map(Number),
+            e.querySelector('.clip').getBoundingClientRect().width])""")
+        assert len(frames) == 5
+        for w, h, x0, y0, x1, y1, clip_w in frames:
+            assert (w, h) == (96, 96) and clip_w == pytest.approx(96 * min(1, (x1 - x0) / (y1 - y0)), abs=0.05)
+        assert pg.evaluate("() => document.documentElement.scrollWidth") <= 390
+        screenshot(pg, "viewer-unit-schema3-phone.png")
+    finally:
+        ctx.close()
+
+
+def _check_clip(page, c, r, box, inp):
+    """One clip of the unit page (CLIPS) against its topk row."""
+    x0, y0, x1, y1 = box
+    bw, bh = x1 - x0, y1 - y0
+    s = min(120 / bw, 120 / bh)                 # fitted in the 120 px crop size, aspect kept
+    assert c["box"] == list(box) and c["src"].split("?")[0] == f"../{r['input']}"
+    assert c["clip"] == pytest.approx([bw * s, bh * s], abs=0.05), c
+    # layout rounds the clip to 1/64 px, and the image is a percentage of it: 5e-4 relative
+    assert c["img"] == pytest.approx([-x0 * s, -y0 * s, 224 * s, 224 * s], rel=5e-4, abs=0.05), c
+    up = max(bw, bh) < 120
+    assert c["rendering"] == ("pixelated" if up else "auto"), c
+    fig = page.locator(f'#{c["kind"]} figure[data-rank="{c["rank"]}"]')
+    shot = fig.locator(".clip").screenshot()
+    right = _shown_vs_cut(shot, inp, box, up)
+    # (a shifted box may leave the image: PIL pads it black, as wrong as any)
+    shifted = min(_shown_vs_cut(shot, inp, (x0 + dx, y0 + dy, x1 + dx, y1 + dy), up)
+                  for dx, dy in ((6, 0), (-6, 0), (0, 6), (0, -6)))
+    assert right < 10 and shifted > 3 * right, (box, right, shifted)    # measured: 0.6..5.5 against 2.9..32
+    link = fig.locator("a.src")
+    assert link.text_content() == "input image"
+    href = link.get_attribute("href")
+    assert href.split("?")[0] == f"../{r['input']}"
+    resp = page.request.get(page.url.split("#")[0].rsplit("/", 2)[0] + href[2:])
+    assert resp.status == 200 and resp.headers["content-type"] == "image/jpeg"

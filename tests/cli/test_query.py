@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import deepvis
 from deepvis.cluster.build import run_build
 from deepvis.cluster.config import BuildConfig
 from deepvis.storage.atlas import Atlas
@@ -82,12 +83,15 @@ def test_query_cli_matches_brute_force(atlas, brute, images, layer, unit, kind):
     want = brute_rows(brute, images, layer, unit, kind, 4)
     assert [(r["rank"], r["image"], r["y"], r["x"]) for r in rows] == [(i, w[1], w[2], w[3]) for i, w in enumerate(want)]
     assert [r["activation"] for r in rows] == pytest.approx([w[0] for w in want], rel=1e-4, abs=1e-4)
-    # the Python API returns the same, and every crop exists and is a real JPEG of the box's size
+    # the Python API returns the same, and every row's input image exists, is a real JPEG of the
+    # model's input size, and holds the row's box
     api = Atlas.open(str(out)).top_images(layer, unit, 4, kind)
     assert [(a["image"], a["rank"]) for a in api] == [(r["image"], r["rank"]) for r in rows]
     for a in api:
         img = Image.open(out / a["crop"])
-        assert img.format == "JPEG" and img.size == (a["x1"] - a["x0"], a["y1"] - a["y0"])
+        assert img.format == "JPEG" and img.size == (224, 224)
+        assert a["crop_box"] == [a["x0"], a["y0"], a["x1"], a["y1"]]
+        assert 0 <= a["x0"] < a["x1"] <= 224 and 0 <= a["y0"] < a["y1"] <= 224
 
 
 def test_units_stats_match_brute_force(atlas, brute):
@@ -170,30 +174,51 @@ def test_bad_files_skipped_counted_and_named(ray_cluster, sample_dir, tmp_path):
     assert {"good/gray.png", "good/cmyk.jpg"} & seen or len(seen) >= 2
 
 
-@pytest.mark.parametrize("schema", [1, 2])
-def test_query_and_api_read_either_crop_layout(tmp_path, schema):
-    """An atlas of schema 1 (per-unit crop objects, no `crop` column) and one of schema 2 (shared
-    crops/<sha>.jpg named by the `crop` column): `deepvis query` and Atlas.top_images give the key
-    of an existing crop for every row, None/missing only for the crop that was never written."""
+@pytest.mark.parametrize("schema", [1, 2, 3])
+def test_query_and_api_read_every_crop_layout(tmp_path, schema):
+    """An atlas of schema 1 (per-unit crop objects, no `crop` column), one of schema 2 (shared
+    crops/<sha>.jpg named by the `crop` column) and one of schema 3 (one inputs/<sha>.jpg per image,
+    named by the `input` column, the crop its box cut from it): `deepvis query` and Atlas.top_images
+    name an existing object for every row (and for schema 3 the box to cut), None/missing only for
+    the crop that was never written."""
     from deepvis.storage import layout
-    from deepvis.storage.atlas import crop_key
+    from deepvis.storage.atlas import CropRef, crop_ref
     from tests.atlas_viewer.conftest import MID, make_synthetic_atlas
 
     facts = make_synthetic_atlas(tmp_path / "atlas", big_units=4, schema=schema)
     store = facts["store"]
     atlas = Atlas.open(str(tmp_path / "atlas"))
+    prefix = {1: f"units/{MID}/0/", 2: "crops/", 3: "inputs/"}[schema]
     for kind in ("top", "bottom"):
         rows = atlas.top_images(MID, 0, 3, kind)
         assert [r["rank"] for r in rows] == [0, 1, 2]
         for r in rows:
             missing = (MID, 0, kind, r["rank"]) == facts["missing_crop"]
             assert store.exists(r["crop"]) != missing, r
-            assert r["crop"].startswith("crops/" if schema == 2 else f"units/{MID}/0/{kind}-")
+            assert r["crop"].startswith(prefix)
+            assert r["crop_box"] == ([r["x0"], r["y0"], r["x1"], r["y1"]] if schema == 3 else None)
     table = layout.read_table(store, layout.TOPK)
-    assert ("crop" in table.column_names) == (schema == 2)
-    assert crop_key({"layer": "a", "unit": 3, "kind": "top", "rank": 1}, 1) == "units/a/3/top-1.jpg"
+    assert ("crop" in table.column_names) == (schema == 2) and ("input" in table.column_names) == (schema == 3)
+    assert crop_ref({"layer": "a", "unit": 3, "kind": "top", "rank": 1}, 1) == CropRef("units/a/3/top-1.jpg")
     r = subprocess.run([sys.executable, "-m", "deepvis.cli", "query", str(tmp_path / "atlas"), "--layer", MID,
                         "--unit", "0", "-k", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert [line.split("->")[-1].strip() for line in r.stdout.splitlines()[1:]] == \
-        [x["crop"] for x in atlas.top_images(MID, 0, 2)]
+    want = [x["crop"] + (" box {},{},{},{}".format(*x["crop_box"]) if x["crop_box"] else "")
+            for x in atlas.top_images(MID, 0, 2)]
+    assert [line.split("->")[-1].strip() for line in r.stdout.splitlines()[1:]] == want
+    # --save: every row's crop as a file, equal to the API's; the never-written one is skipped, named
+    saved = tmp_path / "saved"
+    r = subprocess.run([sys.executable, "-m", "deepvis.cli", "query", str(tmp_path / "atlas"), "--layer", MID,
+                        "--unit", "0", "-k", "3", "--bottom", "--save", str(saved)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = deepvis.open(str(tmp_path / "atlas")).unit(MID, 0).bottom(3)
+    missing_rank = facts["missing_crop"][3]
+    assert sorted(p.name for p in saved.iterdir()) == [f"bottom-{i}.jpg" for i in range(3) if i != missing_rank]
+    for t in rows:
+        if t.rank != missing_rank:
+            # the synthetic schema 1 and 2 crop objects are 24 px squares; schema 3's are cut to the box
+            img = Image.open(saved / f"bottom-{t.rank}.jpg")
+            assert img.size == ((t.box[2] - t.box[0], t.box[3] - t.box[1]) if schema == 3 else (24, 24))
+            assert (saved / f"bottom-{t.rank}.jpg").read_bytes() == t.crop_bytes
+    assert f"bottom {missing_rank}: no crop saved" in r.stderr and "Traceback" not in r.stderr

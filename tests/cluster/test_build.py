@@ -75,9 +75,10 @@ def test_build_writes_every_object_and_row(reference, small_dataset):
     assert topk.schema.equals(layout.TOPK_SCHEMA)
     assert topk.num_rows == len(LAYERS) * len(UNITS) * 2 * 3
     rows = topk.to_pylist()
-    # schema 2: every row names its crop, one shared object per distinct (image, box)
-    assert all(r["crop"] == layout.crop_key(r["image"], (r["x0"], r["y0"], r["x1"], r["y1"])) in files for r in rows)
-    assert {k for k in files if k.startswith("crops/")} == {r["crop"] for r in rows}
+    # schema 3: every row names its image's input, one shared object per distinct image
+    assert all(r["input"] == layout.input_key(r["image"]) and r["input"] in files for r in rows)
+    assert {k for k in files if k.startswith("inputs/")} == {r["input"] for r in rows}
+    assert not [k for k in files if k.startswith("crops/")]
     assert not [k for k in files if k.endswith(".jpg") and k.startswith("units/")]
     assert all(0 <= r["x0"] < r["x1"] <= 224 and 0 <= r["y0"] < r["y1"] <= 224 for r in rows)
     units = pq.read_table(out / "index/units.parquet").to_pylist()

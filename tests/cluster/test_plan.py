@@ -59,7 +59,7 @@ def kinds(root: Path) -> Counter:
             continue
         key = p.relative_to(root).as_posix()
         kind = ("opt_png" if key.startswith("units/") and key.endswith(".png") else
-                "crop_jpg" if key.startswith("crops/") and key.endswith(".jpg") else
+                "input_jpg" if key.startswith("inputs/") and key.endswith(".jpg") else
                 "records" if key.startswith("_build/done/") else
                 "states" if key.startswith("_build/state/") or key == "_build/receptive.npz" else
                 "index" if key.startswith("index/") else
@@ -86,9 +86,10 @@ def test_predicted_objects_equal_a_tiny_builds(ray_cluster, sample_dir, tmp_path
     summary = run_build(BuildConfig(**cfg, out=str(out)))
     assert summary["status"] == "complete" and summary["images_seen"] == 10
     built, predicted = dict(kinds(out)), {k: v for k, v in fresh["objects"].items() if v}
-    # distinct crops are stored once: the prediction is their upper bound, one per top/bottom entry
-    assert 0 < built.pop("crop_jpg") <= predicted.pop("crop_jpg") == 3 * 2 * 9
-    assert built == predicted and fresh["shards"] == {"opt": 1, "data": 3, "crop": 1}
+    # one input image per distinct image of the top/bottom lists: the prediction is their upper
+    # bound, every image of the dataset
+    assert 0 < built.pop("input_jpg") <= predicted.pop("input_jpg") == 10
+    assert built == predicted and fresh["shards"] == {"opt": 1, "data": 3, "crop": 2}   # 10 images, 2 CPUs
     stored = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert 0.5 < sum(fresh["bytes"].values()) / stored < 2      # bytes are estimates: within 2x
 
@@ -114,4 +115,4 @@ def test_build_json_is_the_only_stdout(ray_cluster, capsys, sample_dir, tmp_path
                "--out", str(tmp_path / "atlas"), "--no-progress", "--json"])
     out, err = capsys.readouterr()
     assert rc == 0 and json.loads(out)["status"] == "complete"
-    assert "distinct crops" in err
+    assert "input images, written by" in err

@@ -177,14 +177,14 @@ def assert_every_unit_once(out: Path, units=range(6), layers=("_blocks.1", "_fc"
     for l in layers:
         for u in units:
             assert (out / layout.unit_key(l, u, "yosinski-3.png")).is_file()
-    assert all((out / r["crop"]).is_file() for r in top)
+    assert all((out / r["input"]).is_file() for r in top)
     return m
 
 
 def same_atlas(a: Path, b: Path):
-    """Identical unit images, crops and indexes (the manifest holds times and hosts: not compared)."""
+    """Identical unit images, input images and indexes (the manifest holds times and hosts: not compared)."""
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*")  # noqa: E731
-                                if p.is_file() and (p.suffix in (".png", ".jpg") and p.parts[len(root.parts)] in ("units", "crops")
+                                if p.is_file() and (p.suffix in (".png", ".jpg") and p.parts[len(root.parts)] in ("units", "inputs")
                                                     or p.suffix == ".parquet"))
     fa, fb = files(a), files(b)
     assert fa == fb and fa
