@@ -37,13 +37,14 @@ SECTION = "## Dry-run estimate vs measured"
 SAMPLE = ROOT.parent / "shared" / "datasets" / "imagenet-sample"
 B_LAYERS = "_blocks.1,_blocks.8,_blocks.15"
 NOTES = """*load factor*: the dry run multiplies the CPU costs (cluster.estimate.COSTS, idle-machine figures)
-by (1-minute load average + actors) ÷ CPUs, as measured when it runs (1 on an idle machine; here the
-load left by the previous step of this benchmark counts too). *dry run s*: wall time of the whole
+by (1-minute load average + actors) ÷ CPUs, as measured when it runs (1 on an idle machine). Each
+configuration first waits (up to 3 minutes) for the 1-minute load average to fall below 0.5: the
+load a build leaves behind decays for minutes and would count as load that is not there. *dry run s*: wall time of the whole
 command (Python and torch start-up, model load, layer resolution, dataset listing); *CPU s* is its
 CPU time. *A*: the full default layer set (66 layers, 23,816 units) over 100 sample images, built
 for real after its dry run (`--layers-a` narrows it, `--only` picks one configuration). The object
-count is an upper bound: distinct crops are stored once, and how many entries share one is known
-only after the dataset pass; the crop time uses the measured 6.6 entries per crop. GPU rows of the
+count is an upper bound: one input image per distinct source image of the top/bottom lists (atlas
+schema 3), at most every image of the dataset. GPU rows of the
 cost table are derived from the H200 sections above, not measured by this benchmark."""
 
 
@@ -77,7 +78,19 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def settle(below: float = 0.5, limit: float = 180.0) -> float:
+    """Wait until the 1-minute load average is below `below` (at most `limit` s): the dry run's load
+    factor counts the load there is when it runs, and the load a previous build (this benchmark's, or
+    another's) leaves decays for minutes after it ends. Returns the seconds waited."""
+    t = time.perf_counter()
+    while load() >= below and time.perf_counter() - t < limit:
+        time.sleep(5)
+    return round(time.perf_counter() - t, 1)
+
+
 def measure(name: str, args: list[str], tmp: Path, full: bool = False) -> dict:
+    waited = settle()
+    print(f"{name}: waited {waited} s for the load to settle ({load():.2f})", file=sys.stderr, flush=True)
     out = tmp / name
     dry_wall, d = cli([*args, "--dry-run", "--out", str(out)])
     assert not out.exists(), "the dry run wrote its output directory"
@@ -151,7 +164,7 @@ def _opt_costs(w, layer: str = "_blocks.8") -> dict:
 
 def _data_and_crop_costs(w, store, ds: str, n: int = 32) -> dict:
     """The dataset pass's cost per image. (Crop costs: cluster/crops.py's tasks run outside the
-    actors since schema 2; their per-crop figures in COSTS come from bench/fullnet.py's phases.)"""
+    actors; their per-image figure in COSTS comes from bench/fullnet.py's crop phase.)"""
     from deepvis.cluster.build import Plan, make_plan, make_shards
     from deepvis.cluster.config import BuildConfig
 

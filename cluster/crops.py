@@ -2,8 +2,8 @@
 once per DISTINCT source image, by Ray tasks on the whole cluster's CPUs (atlas schema 3).
 
 1. Receptive fields once per build: one sweep of every selected layer (`tasks.receptive.
-   all_layer_maps`) in one Ray task, started with the build (it overlaps the optimization and
-   dataset passes), stored as `_build/receptive.npz` with the hash of what they depend on (model,
+   all_layer_maps`) in one Ray task (started with the build when the actors are GPU actors: it
+   overlaps the optimization and dataset passes), stored as `_build/receptive.npz` with the hash of what they depend on (model,
    input size, layers): a resumed build reads them back.
 2. The driver maps every (layer, unit, kind, rank) of the merged top-k to its box (numpy indexing of
    the maps: index/topk.parquet's x0..y1) and to the key of its image's preprocessed input,
@@ -93,10 +93,11 @@ def _rf_task(model: str, weights: str | None, layers: list[str]) -> dict[str, np
 
 def start_receptive(store: Store, plan):
     """The receptive-field maps, or their sweep under way: {layer: maps} read back from
-    `_build/receptive.npz` when its hash matches, else a Ray task's ObjectRef. The build starts it
-    before the optimization and dataset passes, which it does not depend on (only on the
-    architecture): on a GPU cluster it costs no wall time at all. It asks for no CPU: at that point
-    the actors are about to take every CPU of a CPU-only cluster, and an actor must not wait for it."""
+    `_build/receptive.npz` when its hash matches, else a Ray task's ObjectRef. With GPU actors the
+    build starts it before the optimization and dataset passes, which it does not depend on (only
+    on the architecture: cluster.build.overlap_sweep), so that it costs no wall time; else the crop
+    phase starts it. It asks for no CPU: an actor must never wait for it, and after the passes the
+    actors may still hold every CPU."""
     import ray
 
     h = _rf_hash(plan)

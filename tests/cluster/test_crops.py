@@ -101,12 +101,18 @@ def test_inputs_once_per_image_and_every_crop_equals_its_own(atlas, dataset):
                 assert np.abs(got.astype(int) - np.asarray(want, dtype=int)).mean() < 10, (layer, u, kind)
 
 
-def test_receptive_sweep_starts_before_the_passes(atlas):
-    """The sweep depends on the architecture alone: the build starts it before the optimization and
-    dataset passes (it overlaps them), and the crop phase only waits for it."""
+def test_receptive_sweep_overlaps_the_passes_only_with_gpu_actors(atlas):
+    """The sweep depends on the architecture alone. With GPU actors the build starts it before the
+    optimization and dataset passes (the nodes' CPUs are idle then); CPU actors hold every core, so
+    on this CPU cluster it starts after them, in the crop phase."""
+    from deepvis.cluster.build import actor_layout, overlap_sweep
+    from deepvis.cluster.config import BuildConfig
+
     _, logs = atlas
     events = [line[len("event: "):] for line in logs if line.startswith("event: ")]
-    assert events == ["start_receptive", "run_shards optimization", "run_shards dataset"], events
+    assert events == ["run_shards optimization", "run_shards dataset", "start_receptive"], events
+    assert not overlap_sweep(actor_layout(BuildConfig(device="cpu", out="x")))
+    assert overlap_sweep((8, {"num_gpus": 1, "num_cpus": 1}, 2))
 
 
 def test_boxes_equal_the_per_layer_receptive_boxes(atlas):
