@@ -183,6 +183,34 @@ def test_spatial_max_of_a_channels_last_map_equals_the_contiguous_one():
         assert torch.equal(a.nan_to_num(99), b.nan_to_num(99)) and a.dtype == b.dtype
 
 
+def test_spatial_max_equals_numpy_brute_force_on_cpu_and_its_pooled_path():
+    """spatial_max (on CPU float32 maps: a global max pool with indices, tasks.activations._pooled_max)
+    against numpy's max and argmax (first occurrence, NaN counted as the maximum): ties of few levels,
+    +-inf, a constant map, a map with two NaNs (the pool would take the last: the fallback), 1 x 1
+    maps, both memory formats."""
+    import numpy as np
+
+    from deepvis.tasks.activations import _pooled_max
+
+    g = torch.Generator().manual_seed(5)
+    cases = [(torch.randn(3, 5, 9, 11, generator=g) * 2).round() / 2, torch.zeros(2, 4, 6, 6),
+             torch.randn(4, 3, 1, 1, generator=g), torch.randn(2, 7, 7, 7, generator=g)]
+    cases[3][0, 1, 2, 2] = cases[3][0, 1, 5, 6] = float("inf")
+    cases[3][1, 2] = float("-inf")
+    nan = torch.randn(2, 3, 5, 5, generator=g)
+    nan[0, 1, 1, 1] = nan[0, 1, 3, 3] = float("nan")
+    for maps in cases + [nan]:
+        flat = maps.flatten(2).numpy()
+        want_v, want_i = flat.max(2), flat.argmax(2)         # numpy: NaN is the max, first index
+        for mf in (torch.contiguous_format, torch.channels_last):
+            v, y, x = spatial_max(maps.contiguous(memory_format=mf))
+            assert np.array_equal(v.numpy(), want_v, equal_nan=True)
+            assert np.array_equal(y.numpy() * maps.shape[3] + x.numpy(), want_i)
+            assert y.dtype == x.dtype == torch.int32 and v.dtype == torch.float32
+    assert _pooled_max(cases[0]) is not None and _pooled_max(nan) is None   # the fast path is the one tested
+    assert _pooled_max(cases[0].double()) is None
+
+
 def test_crop_input_is_torchvisions_resize_and_center_crop():
     """tasks.preprocess.crop_input (PIL only, for the decode processes) = TF.resize + TF.center_crop,
     pixel for pixel: odd sizes, portrait, landscape, already at size, smaller than the crop (padding)."""
