@@ -3,8 +3,8 @@ once per DISTINCT source image, by Ray tasks on the whole cluster's CPUs (atlas 
 
 1. Receptive fields once per build: one sweep of every selected layer (`tasks.receptive.
    all_layer_maps`) in one Ray task (started with the build when the actors are GPU actors: it
-   overlaps the optimization and dataset passes), stored as `_build/receptive.npz` with the hash of what they depend on (model,
-   input size, layers): a resumed build reads them back.
+   overlaps the optimization and dataset passes), stored as `_build/receptive.npz` with the hash of
+   what they depend on (model, input size, layers): a resumed build reads them back.
 2. The driver maps every (layer, unit, kind, rank) of the merged top-k to its box (numpy indexing of
    the maps: index/topk.parquet's x0..y1) and to the key of its image's preprocessed input,
    `inputs/<sha256(image)[:24]>.jpg` (`storage.layout.input_key`). A crop is the box cut from that
@@ -12,9 +12,9 @@ once per DISTINCT source image, by Ray tasks on the whole cluster's CPUs (atlas 
    distinct top/bottom image (100 here) instead of one per distinct (image, box) (65,419 in schema 2:
    217 s of PUTs into S3, BENCHMARKS.md).
 3. The distinct images are grouped into tasks of TASK_IMAGES (in image-id order; fewer a task when
-   that spreads them over more of the cluster's CPUs); a task decodes,
-   preprocesses (resize, centre crop) and encodes each as JPEG, writes them with WRITERS uploads in
-   flight, then its completion record `_build/done/crops/NNNNN.json` (hash, pid, unreadable images).
+   that spreads them over more of the cluster's CPUs); a task decodes, preprocesses (resize, centre
+   crop) and encodes each as JPEG, writes them with WRITERS uploads in flight, then its completion
+   record `_build/done/crops/NNNNN.json` (hash, pid, node, unreadable images).
    A re-run skips tasks whose record matches and writes nothing again.
 
 No GPU actor does crop work: the tasks ask for CROP_CPUS of a CPU (fractional, so they never wait

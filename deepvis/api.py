@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from deepvis.storage import layout
-from deepvis.storage.atlas import Atlas as Reader, crop_jpeg
+from deepvis.storage.atlas import Atlas as Reader, crop_jpeg, cut_crop
 from deepvis.storage.errors import StoreError
 from deepvis.tasks.errors import UserError
 
@@ -102,10 +102,10 @@ class TopImage:
 
     @property
     def crop(self) -> "Image.Image":
-        """The receptive-field crop as a PIL image (read on first use), cut from the stored image
-        without a second JPEG pass."""
-        img = _decode(self._object, self.crop_key)
-        return img.crop(self.crop_box) if self.crop_box else img
+        """The receptive-field crop as an RGB PIL image (read on first use; decoded within the
+        project's image limits: an atlas is untrusted), cut from the stored image without a second
+        JPEG pass."""
+        return cut_crop(self._object, self.crop_box, self.crop_key)
 
 
 @dataclass(frozen=True)

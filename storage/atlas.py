@@ -42,7 +42,7 @@ def cut_crop(data: bytes, box: tuple[int, int, int, int] | None, name: str):
     try:
         img = decode(data)
     except BadImage as e:
-        raise StoreError(f"{name} is not a readable image ({e})") from None
+        raise StoreError(f"{name} is not a readable image ({e}); re-run the build to rewrite it") from None
     return img.crop(box) if box is not None else img
 
 
@@ -122,10 +122,6 @@ class Atlas:
             ref = crop_ref(r, version)
             r["crop"], r["crop_box"] = ref.key, (list(ref.box) if ref.box else None)
         return rows
-
-    def crop_ref(self, row: dict) -> CropRef:
-        """Where the crop of one index/topk.parquet row of this atlas is (any layout)."""
-        return crop_ref(row, int(self.manifest.get("schema_version") or 1))
 
     def units_table(self, layer: str | None = None) -> pa.Table:
         """index/units.parquet (one row per built unit: dataset stats, per-preset measures), or
