@@ -405,18 +405,20 @@ _INT32_MAX = 2**31 - 1
 _EMPTY = 2**63 - 1            # the key of an empty slot: after every real entry
 
 
-def _device_keys(v, ranks, descending: bool):
-    """float32 (B, C) + id ranks (B,) -> int64 (C, B) keys whose ascending order is the reducer's
-    total order: the activation's order-preserving int32 bits (descending: inverted) in the high
-    half, the id's rank in the low half; -0.0 == +0.0; NaN last in both directions (as _ordered_bits)."""
+def _device_keys(v, ranks):
+    """float32 (B, C) + id ranks (B,) -> int64 (C, B) keys (descending, ascending) whose ascending
+    order is the reducer's total order for the top and the bottom list: the activation's
+    order-preserving int32 bits (inverted for the top) in the high half, the id's rank in the low
+    half; -0.0 == +0.0; NaN last in both directions (as _ordered_bits). The bits are taken once."""
     import torch
 
     bits = (v + 0.0).view(torch.int32).to(torch.int64)          # -0.0 + 0.0 = +0.0
     key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # monotone in the float value
-    if descending:
-        key = -key - 1
-    key = torch.where(torch.isnan(v), torch.full_like(key, _INT32_MAX), key)
-    return (key * 2**32 + ranks.view(-1, 1)).T
+    nan = torch.isnan(v)
+    rank = ranks.view(-1, 1)
+    desc = (-key - 1).masked_fill_(nan, _INT32_MAX)
+    asc = key.masked_fill_(nan, _INT32_MAX)
+    return (desc * 2**32 + rank).T, (asc * 2**32 + rank).T
 
 
 class DeviceTopK:
@@ -427,7 +429,7 @@ class DeviceTopK:
     (activation, then id ascending) and the result is identical to it (statistics up to float64
     rounding). Give it the concatenated units of several layers and split them in `to_host`."""
 
-    def __init__(self, units: int, k: int, ids: list[str], device="cpu"):
+    def __init__(self, units: int, k: int, ids: list[str], device="cpu", merge_every: int = 64):
         import torch
 
         self.units, self.k, self.count = int(units), int(k), 0
@@ -444,9 +446,15 @@ class DeviceTopK:
         self.sumsq = torch.zeros_like(self.sum)
         self.max = torch.full_like(self.sum, -np.inf)
         self.npos = torch.zeros(self.units, dtype=torch.int64, device=dev)
+        self.merge_every = merge_every
+        self._pending: list = []                  # (values, pos, ranks) of batches not merged yet
+        self._npending = 0
 
     def add(self, values, ys, xs, image_ids) -> None:
-        """values (B, units) float, ys/xs (B, units) int (< 65536), tensors on the reducer's device."""
+        """values (B, units) float, ys/xs (B, units) int (< 65536), tensors on the reducer's device.
+        Batches are held until `merge_every` images are pending, then merged in one step: the merge
+        costs about units x (k + pending), so small forward batches (the faster ones on a CPU) would
+        otherwise pay k per image again and again."""
         import torch
 
         b = len(image_ids)
@@ -454,26 +462,38 @@ class DeviceTopK:
             raise ValueError(f"values must be (B={b}, units={self.units}), got {tuple(values.shape)}")
         if b == 0:
             return
-        dev = self.key.device
-        ranks = torch.tensor([self.rank[str(i)] for i in image_ids], dtype=torch.int64).to(dev)
-        v = values.to(torch.float32)
-        pos = (ys.to(torch.int32) * 65536 + xs.to(torch.int32)).T
-        for side, desc in ((0, True), (1, False)):
-            key = torch.cat([self.key[side], _device_keys(v, ranks, desc)], dim=1)
+        ranks = torch.tensor([self.rank[str(i)] for i in image_ids], dtype=torch.int64)
+        pos = ys.to(torch.int32) * 65536 + xs.to(torch.int32)
+        self._pending.append((values.to(torch.float32), pos, ranks.to(self.key.device)))
+        self._npending += b
+        if self._npending >= self.merge_every:
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        """The pending batches into the [units, k] lists and the statistics."""
+        import torch
+
+        if not self._pending:
+            return
+        parts, self._pending, self._npending = self._pending, [], 0
+        v, pos, ranks = (torch.cat(p) if len(parts) > 1 else p[0] for p in zip(*parts))
+        for side, key in enumerate(_device_keys(v, ranks)):
+            key = torch.cat([self.key[side], key], dim=1)
             self.key[side], order = torch.topk(key, self.k, dim=1, largest=False, sorted=True)
             self.act[side] = torch.cat([self.act[side], v.T], dim=1).gather(1, order)
-            self.pos[side] = torch.cat([self.pos[side], pos], dim=1).gather(1, order)
+            self.pos[side] = torch.cat([self.pos[side], pos.T], dim=1).gather(1, order)
         vd = v.double()
         self.sum += vd.sum(0)
         self.sumsq += (vd * vd).sum(0)
         self.max = torch.maximum(self.max, vd.amax(0))
         self.npos += (v > 0).sum(0)
-        self.count += b
+        self.count += len(ranks)
 
     def to_host(self, widths: list[int] | None = None) -> list[RunningTopK]:
         """One device->host copy; RunningTopK per group of `widths` consecutive units (default: one)."""
         import torch
 
+        self._merge_pending()
         parts = [self.key, self.act.view(torch.int32), self.pos, self.sum, self.sumsq, self.max, self.npos]
         flat = torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts]).cpu().numpy()
         arrays, at = [], 0
