@@ -28,6 +28,10 @@ from deepvis.storage.store import Store, open_store
 from deepvis.tasks.errors import UserError
 
 VERSION = "0.1.0"
+# the dataset pass's images per forward when --batch-size is not given. CPU: 8, measured (bench/phase.py,
+# BENCHMARKS.md): a batch's maps stay in the caches, 1.2x the images/s of batches of 32 on this 2-core
+# CPU with the hooks' reductions reading every map once more; GPU: 32, as before
+CPU_BATCH, GPU_BATCH = 8, 32
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Plan:
     opt_shards: list[dict] = field(default_factory=list)
     data_shards: list[dict] = field(default_factory=list)
     labels: list[str] | None = None
+    batch_size: int = 0           # the dataset pass's, set by make_shards (--batch-size or the device's)
 
 
 def _hash(obj) -> str:
@@ -99,9 +104,10 @@ def _base_hash(plan: Plan) -> dict:
     return base
 
 
-def make_shards(plan: Plan, gpu: bool = False) -> None:
+def make_shards(plan: Plan, gpu: bool = False, actors: int = 1, store: Store | None = None) -> None:
     """Split the work: optimization shards of units (one layer each, so the forward pass stops at that
-    layer; sized for the device) and dataset shards of consecutive image ids."""
+    layer; sized for the device) and dataset shards of consecutive image ids, balanced over `actors`
+    (see data_shard_sizes), or as an earlier run of this build into `store` split them."""
     cfg, base = plan.cfg, _base_hash(plan)
     names = [p["name"] for p in plan.presets]
     if plan.presets:
@@ -120,19 +126,40 @@ def make_shards(plan: Plan, gpu: bool = False) -> None:
                 shard["id"] = f"opt/{l['name']}/{units[0]}-{units[-1]}"
                 shard["hash"] = _hash({**base, **shard, "presets": plan.presets})
                 plan.opt_shards.append(shard)
+    plan.batch_size = cfg.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
     if plan.images:
         names_l = [l["name"] for l in plan.layers]
         units_l = [l["units"] for l in plan.layers]
-        # a whole number of batches per shard (see ShardWorker._dataset)
-        n = -(-cfg.shard_images // cfg.batch_size) * cfg.batch_size
-        for i in range(0, len(plan.images), n):
-            ids = plan.images[i:i + n]
+        start = 0
+        for j, n in enumerate(data_shard_sizes(len(plan.images), plan.batch_size, cfg.shard_images, actors,
+                                               _planned_data_shards(store, plan))):
+            ids = plan.images[start:start + n]
+            start += n
             shard = {"type": "data", "layers": names_l, "units": units_l, "k": cfg.k, "images": ids,
-                     "batch_size": cfg.batch_size}
-            shard["id"] = f"data/{i // n:05d}"
+                     "batch_size": plan.batch_size}
+            shard["id"] = f"data/{j:05d}"
             shard["hash"] = _hash({**base, **{k: v for k, v in shard.items() if k != "batch_size"},
                                    "dataset": _dataset_uri(cfg.dataset)})
             plan.data_shards.append(shard)
+
+
+def data_shard_sizes(images: int, batch: int, cap: int, actors: int = 1, count: int | None = None) -> list[int]:
+    """Images per dataset shard, in order. Whole batches each (ShardWorker._dataset: an image's batch
+    must not depend on the sharding), at most `cap` images (rounded up to a batch), and as equal as
+    whole batches allow, in a number of shards that is a multiple of `actors`: shards of 7, 7, 7 and 4
+    batches on 2 actors left one idle for a fifth of the dataset phase (bench/phase.py). `count`: the
+    number of shards an earlier run of the same build planned (kept, so its finished shards match)."""
+    batches = -(-images // batch)
+    if not batches:
+        return []
+    if not count:
+        count = -(-batches // max(1, -(-cap // batch)))
+        count = -(-count // max(1, actors)) * max(1, actors)
+    count = max(1, min(count, batches))
+    q, r = divmod(batches, count)
+    sizes = [(q + (i < r)) * batch for i in range(count)]
+    sizes[-1] -= sum(sizes) - images           # the last batch of the last shard is the short one
+    return sizes
 
 
 # ---------------------------------------------------------------- Ray
@@ -309,7 +336,7 @@ def _prepare(b: _Build) -> None:
     cfg, plan = b.cfg, b.plan
     b.layout = actor_layout(cfg)
     n_actors, opts, threads = b.layout
-    make_shards(plan, gpu="num_gpus" in opts)
+    make_shards(plan, gpu="num_gpus" in opts, actors=n_actors, store=b.store)
     _write_manifest(b.store, plan, status="running", started=b.started)
     b.done = _finished_records(b.store, plan.opt_shards + plan.data_shards)
     b.todo = [s for s in plan.opt_shards + plan.data_shards if s["id"] not in b.done]
@@ -412,7 +439,7 @@ def dry_run(cfg: BuildConfig) -> dict:
     t0 = time.time()
     plan = make_plan(cfg)
     device, n_actors, local = _dry_layout(cfg)
-    make_shards(plan, gpu=device.startswith("cuda"))
+    make_shards(plan, gpu=device.startswith("cuda"), actors=n_actors, store=_existing_store(cfg))
     plan_seconds = time.time() - t0
     slowdown = 1.0 if device.startswith("cuda") else load_factor(os.getloadavg()[0], os.cpu_count() or 1, n_actors)
     est = estimate(plan, device=device, actors=n_actors, local_ray=local, s3=cfg.out.startswith("s3://"),
@@ -458,14 +485,38 @@ def _static_files() -> int:
     return sum(1 for p in STATIC.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _dry_done(cfg: BuildConfig, plan: Plan) -> dict[str, int]:
-    """Shards an existing store already holds (what a re-run skips); {} when there is no store yet.
-    Crop tasks are counted by their records: their ids and hashes need the merged dataset pass."""
+def _existing_store(cfg: BuildConfig) -> Store | None:
+    """The build's store when it exists already (None for a directory not there yet: not created)."""
     if "://" not in cfg.out or cfg.out.startswith("file://"):
         path = cfg.out[len("file://"):] if cfg.out.startswith("file://") else cfg.out
         if not os.path.isdir(os.path.expanduser(path)):
-            return {}
-    store = open_store(cfg.out, cfg.endpoint_url)   # an existing directory or bucket: not modified
+            return None
+    return open_store(cfg.out, cfg.endpoint_url)   # an existing directory or bucket: not modified
+
+
+def _planned_data_shards(store: Store | None, plan: Plan) -> int | None:
+    """The number of dataset shards an earlier run of this build into `store` planned (its manifest),
+    when it covered the same images in the same batches: a resume on a cluster of another size keeps
+    that sharding, so the shards it finished still count. None otherwise."""
+    if store is None or not plan.images:
+        return None
+    m = layout.get_json(store, layout.MANIFEST)        # a damaged manifest reads as None: plan afresh
+    build = m.get("build") if isinstance(m, dict) else None
+    ds = m.get("dataset") if isinstance(m, dict) else None
+    if not isinstance(build, dict) or not isinstance(ds, dict):
+        return None
+    same = (ds.get("uri") == _dataset_uri(plan.cfg.dataset) and ds.get("images") == len(plan.images)
+            and build.get("batch_size") == plan.batch_size)
+    n = build.get("data_shards")
+    return n if same and isinstance(n, int) and n > 0 else None
+
+
+def _dry_done(cfg: BuildConfig, plan: Plan) -> dict[str, int]:
+    """Shards an existing store already holds (what a re-run skips); {} when there is no store yet.
+    Crop tasks are counted by their records: their ids and hashes need the merged dataset pass."""
+    store = _existing_store(cfg)
+    if store is None:
+        return {}
     done = _finished_records(store, plan.opt_shards + plan.data_shards)
     crops = len(store.list(layout.RECORDS + "/crops/"))   # crop tasks: ids known only after the merge
     return {"opt": sum(1 for s in plan.opt_shards if s["id"] in done),
@@ -600,6 +651,8 @@ def _write_manifest(store: Store, plan: Plan, status: str, started: float, summa
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if summary else None,
                   "seconds": (summary or {}).get("seconds"), "versions": _versions(),
                   "config": {k: v for k, v in cfg.public_dict().items() if k not in ("progress", "force")},
+                  "data_shards": len(plan.data_shards),   # a resume keeps this sharding
+                  "batch_size": plan.batch_size,
                   "actors": (summary or {}).get("actors", []),
                   "actors_lost": (summary or {}).get("actors_lost", 0),
                   "phases": (summary or {}).get("phases", {})},

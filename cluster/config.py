@@ -32,7 +32,7 @@ class BuildConfig:
     device: str | None = None           # None: cuda when the actor has a GPU, else cpu
     shard_units: int | None = None      # units per optimization shard (None: sized for the device)
     shard_images: int = 200             # images per dataset shard
-    batch_size: int = 32                # images per forward in the dataset pass
+    batch_size: int | None = None       # images per forward in the dataset pass (None: the device's, see build.CPU_BATCH)
     precision: str = "fp32"             # fp32 | bf16 | fp16: autocast of both passes (GPU; see validate)
     decoder: str = "pil"                # pil | torchvision: the dataset pass's JPEG decoder
     max_attempts: int = 3               # a shard failing this often is reported as failed

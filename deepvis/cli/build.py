@@ -26,8 +26,10 @@ HELP = {
     "actors": "number of actors (default: one per GPU, else one per CPU core)",
     "device": "cpu or cuda (default: cuda when the actor has a GPU)",
     "shard_units": "units per optimization shard (default: sized for the device)",
-    "shard_images": "images per dataset shard (default: 200)",
-    "batch_size": "images per forward pass in the dataset pass (default: 32)",
+    "shard_images": "most images per dataset shard; shards are whole batches, balanced over the actors "
+                    "(default: 200)",
+    "batch_size": "images per forward pass in the dataset pass (default: 8 on CPU actors, whose caches "
+                  "hold a small batch's maps; 32 on GPU actors)",
     "max_attempts": "attempts before a shard is reported failed (default: 3)",
     "actor_timeout": "seconds to wait for actors to be placed and loaded; those still waiting are reported "
                      "and the build goes on without them, or stops if none is ready (default: 300)",

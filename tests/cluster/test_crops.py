@@ -196,7 +196,8 @@ cluster.wait_for_nodes()
 try:
     dataset, out = sys.argv[1], sys.argv[2]
     cfg = BuildConfig(model="efficientnet_lite0", layers="_fc", units="0:4", presets="none", dataset=dataset,
-                      k=3, out=out, progress=False, actors=2, shard_images=1000)
+                      k=3, out=out, progress=False, actors=2, shard_images=1000,
+                      batch_size=1000)    # one batch: one dataset shard (shards are whole batches)
     summary = run_build(cfg, log=lambda *a: None)
     print(json.dumps({"status": summary["status"], "nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
 finally:

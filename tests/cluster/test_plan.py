@@ -1,6 +1,7 @@
 """`deepvis build --dry-run`: the plan and its counts, checked against what a real build writes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -116,3 +117,60 @@ def test_build_json_is_the_only_stdout(ray_cluster, capsys, sample_dir, tmp_path
     out, err = capsys.readouterr()
     assert rc == 0 and json.loads(out)["status"] == "complete"
     assert "input images, written by" in err
+
+
+def _brute_sizes(images: int, batch: int, cap: int, actors: int) -> list[int]:
+    """The fewest shards that is a multiple of the actors and holds every batch with at most
+    ceil(cap / batch) batches a shard, found by trying counts; batches spread as evenly as possible."""
+    batches = -(-images // batch)
+    per = -(-cap // batch)
+    count = next(c for c in range(actors, 10 * batches + actors, actors) if c * per >= batches)
+    count = min(count, batches)
+    spread = [batches // count + (1 if i < batches % count else 0) for i in range(count)]
+    sizes = [b * batch for b in spread]
+    sizes[-1] -= batches * batch - images
+    return sizes
+
+
+@pytest.mark.parametrize("actors", [1, 2, 3, 8])
+def test_data_shards_are_whole_batches_balanced_over_the_actors(actors):
+    from deepvis.cluster.build import data_shard_sizes
+
+    for images in [1, 9, 10, 11, 40, 100, 799, 800, 801, 12_345]:
+        for batch, cap in [(10, 10), (32, 200), (7, 30), (64, 64)]:
+            sizes = data_shard_sizes(images, batch, cap, actors)
+            assert sizes == _brute_sizes(images, batch, cap, actors), (images, batch, cap)
+            assert sum(sizes) == images and all(s % batch == 0 for s in sizes[:-1]) and sizes[-1] > 0
+            assert max(sizes[:-1] or sizes) - min(sizes[:-1] or sizes) <= batch
+            assert max(sizes) <= -(-cap // batch) * batch
+            assert len(sizes) % actors == 0 or len(sizes) == -(-images // batch)   # fewer batches than actors
+    # the benchmark's case: 800 images in batches of 32 on 2 actors was 7+7+7+4 batches (14 vs 11)
+    assert data_shard_sizes(800, 32, 200, 2) == [224, 192, 192, 192]
+    assert data_shard_sizes(800, 32, 200, 2, count=3) == [288, 256, 256]   # an earlier run's count is kept
+    assert data_shard_sizes(0, 32, 200, 2) == []
+
+
+def test_a_resume_on_another_cluster_keeps_the_dataset_shards(sample_dir, tmp_path):
+    """The sharding follows the actors, so a resume on a cluster of another size would lose its
+    finished dataset shards: the manifest records the count and the next plan keeps it."""
+    from deepvis.cluster.build import _planned_data_shards, _write_manifest, make_plan, make_shards
+    from deepvis.storage.store import open_store
+
+    cfg = BuildConfig(layers="_fc", units="0:3", presets="none", dataset=str(sample_dir), shard_images=300,
+                      batch_size=100, out=str(tmp_path / "a"), progress=False)
+    first = make_plan(cfg)
+    assert len(first.images) == 800
+    make_shards(first, actors=2)
+    assert [len(s["images"]) for s in first.data_shards] == [200] * 4      # 8 batches: 2 each
+    store = open_store(cfg.out)
+    assert _planned_data_shards(store, first) is None            # nothing there yet
+    _write_manifest(store, first, status="running", started=0.0)
+    again = make_plan(cfg)
+    make_shards(again, actors=1, store=store)
+    assert [(s["id"], s["hash"]) for s in again.data_shards] == [(s["id"], s["hash"]) for s in first.data_shards]
+    fresh = make_plan(cfg)
+    make_shards(fresh, actors=1)                                 # without the manifest: 3 batches at most
+    assert [len(s["images"]) for s in fresh.data_shards] == [300, 300, 200]
+    other = make_plan(dataclasses.replace(cfg, batch_size=50))  # other batches: plan afresh
+    make_shards(other, actors=1, store=store)
+    assert _planned_data_shards(store, other) is None and len(other.data_shards) == 3
