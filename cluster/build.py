@@ -214,6 +214,9 @@ def actor_layout(cfg: BuildConfig) -> tuple[int, dict, int]:
     if cfg.precision != "fp32":
         raise UserError(f"--precision {cfg.precision} needs GPU actors and this cluster has no GPU (on CPU, "
                         f"reduced precision was slower than fp32 here, see BENCHMARKS.md); use --precision fp32")
+    if cfg.decoder == "nvjpeg":
+        raise UserError("--decoder nvjpeg decodes on the actors' GPUs and this cluster has no GPU; "
+                        "use --decoder pil (or torchvision)")
     n = cfg.actors or max(1, int(cpus))
     return n, {"num_cpus": min(1.0, cpus / n), **spread}, 1
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from deepvis.tasks.errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DECODERS = ("pil", "torchvision", "nvjpeg")   # the dataset pass's decoders (cluster.decode)
 
 
 @dataclass
@@ -92,12 +93,15 @@ class BuildConfig:
                 raise UserError(f"{name} must be at least 1, got {v}")
         if self.size is not None and self.size < 16:
             raise UserError(f"size must be at least 16 pixels, got {self.size}")
-        for name, allowed in (("precision", PRECISIONS), ("decoder", ("pil", "torchvision"))):
+        for name, allowed in (("precision", PRECISIONS), ("decoder", DECODERS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.precision != "fp32" and self.device == "cpu":
             raise UserError(f"--precision {self.precision} needs a GPU (on CPU it is slower than fp32 and "
                             f"disagrees more, see BENCHMARKS.md); use --precision fp32 or --device cuda")
+        if self.decoder == "nvjpeg" and self.device == "cpu":
+            raise UserError("--decoder nvjpeg decodes on the actors' GPUs and --device cpu has none; "
+                            "use --decoder pil (or torchvision) on CPU actors")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,12 @@ crop), and sends back uint8 pixels: 4x fewer bytes than floats, and no float wor
 actor normalizes on its device, tasks.activations.to_model_input). The pil processes never import
 torch.
 
+With `kind="nvjpeg"` the processes only read the files and check their headers (format, mode, the
+size limits of storage.images) and send the JPEG bytes; the actor decodes a whole batch at once on its
+device (tasks.preprocess.decode_jpegs: batched nvJPEG on a GPU) and cuts the crops there
+(crop_tensor). Anything else (PNG, CMYK, an S3 dataset, a file the device decoder rejects, a
+preprocessing whose geometry crop_tensor does not reproduce) is decoded on the CPU as with pil.
+
 A process that dies (killed, out of memory) breaks the pool: `batches` then raises
 concurrent.futures.process.BrokenProcessPool and the caller starts a new Decoder and redoes its shard.
 """
@@ -23,7 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DECODERS = ("pil", "torchvision")
+from deepvis.cluster.config import DECODERS  # noqa: F401 (pil, torchvision, nvjpeg; re-exported)
+
 CHUNK = 8          # images per task sent to a decode process
 
 
@@ -31,17 +38,30 @@ CHUNK = 8          # images per task sent to a decode process
 class Chunk:
     """What a decode process returns for a few consecutive image ids."""
     ids: list[str]                              # the images decoded, in order
-    pixels: np.ndarray | None                   # uint8 (len(ids), H, W, 3), None when none decoded
+    pixels: np.ndarray | None                   # uint8 (len(ids) - len(jpegs), H, W, 3), None when none
     skipped: list[dict] = field(default_factory=list)   # {"image", "reason"} of the unusable ones
+    jpegs: list[bytes] = field(default_factory=list)    # nvjpeg: files left for the device to decode...
+    jpeg_at: list[int] = field(default_factory=list)    # ...and their positions in ids (pixels: the rest)
 
 
 @dataclass
 class Batch:
     """One forward's worth of images: uint8 pixels (N, 3, H, W) (a channels-last view of the
-    decoded (N, H, W, 3) array: no copy), their ids, and the ids skipped as unusable."""
+    decoded (N, H, W, 3) array: no copy), their ids, and the ids skipped as unusable. With nvjpeg,
+    the files at positions jpeg_at are still encoded (pixels holds the others): on_device decodes them."""
     ids: list[str]
     pixels: object                              # torch.Tensor uint8 (N, 3, H, W) or None
     skipped: list[dict]
+    jpegs: list[bytes] = field(default_factory=list)
+    jpeg_at: list[int] = field(default_factory=list)
+
+    def on_device(self, device, pre: dict) -> "Batch":
+        """This batch with every image as uint8 (N, 3, H, W) pixels on `device`: the CPU-decoded ones
+        moved there, the JPEGs decoded and cut there. A JPEG the device decoder rejects is decoded on
+        the CPU instead, and skipped (counted) if that fails too."""
+        if not self.jpegs:
+            return Batch(self.ids, None if self.pixels is None else self.pixels.to(device), self.skipped)
+        return _device_batch(self, device, pre)
 
 
 def _read_torchvision(root: str, image_id: str, endpoint_url: str | None):
@@ -71,14 +91,45 @@ def _read_torchvision(root: str, image_id: str, endpoint_url: str | None):
     return Image.fromarray(t.permute(1, 2, 0).numpy(), "RGB")
 
 
+def _jpeg_bytes(root: str, image_id: str) -> bytes | None:
+    """nvjpeg, in a decode process: the file's bytes when the device can decode it as the CPU would (a
+    local JPEG in RGB or grey, within storage.images' limits: the header is read, not the pixels);
+    None to decode it here (read_image then gives the reason of a bad one)."""
+    import io
+
+    from PIL import Image
+
+    from deepvis.storage.datasets import image_path
+    from deepvis.storage.images import ImageLimits, check_size
+    if root.startswith("s3://"):
+        return None
+    try:
+        with open(image_path(root, image_id), "rb") as fh:
+            data = fh.read()
+        with Image.open(io.BytesIO(data)) as probe:
+            if probe.format != "JPEG" or probe.mode not in ("RGB", "L"):
+                return None
+            check_size(probe.width, probe.height, ImageLimits())
+    except Exception:  # noqa: BLE001 - any doubt (BadImage, OSError, PIL's errors): the CPU path decides
+        return None
+    return data
+
+
 def decode_chunk(root: str, ids: list[str], pre: dict, endpoint_url: str | None = None,
                  kind: str = "pil") -> Chunk:
-    """In a decode process: read, decode and crop `ids` -> Chunk."""
+    """In a decode process: read, decode and crop `ids` -> Chunk (nvjpeg: the JPEGs only read)."""
     from deepvis.storage.datasets import BadImage, read_image
-    from deepvis.tasks.preprocess import crop_input
+    from deepvis.tasks.preprocess import crop_input, device_geometry
 
-    keep, arrays, skipped = [], [], []
+    keep, arrays, skipped, jpegs, jpeg_at = [], [], [], [], []
+    on_device = kind == "nvjpeg" and device_geometry(pre)
     for image_id in ids:
+        data = _jpeg_bytes(root, image_id) if on_device else None
+        if data is not None:
+            jpegs.append(data)
+            jpeg_at.append(len(keep))
+            keep.append(image_id)
+            continue
         try:
             img = (_read_torchvision(root, image_id, endpoint_url) if kind == "torchvision"
                    else read_image(root, image_id, endpoint_url=endpoint_url))
@@ -86,7 +137,40 @@ def decode_chunk(root: str, ids: list[str], pre: dict, endpoint_url: str | None 
             keep.append(image_id)
         except BadImage as e:
             skipped.append({"image": image_id, "reason": str(e)})
-    return Chunk(keep, np.stack(arrays) if arrays else None, skipped)
+    return Chunk(keep, np.stack(arrays) if arrays else None, skipped, jpegs, jpeg_at)
+
+
+def _device_batch(batch: Batch, device, pre: dict) -> Batch:
+    """Batch.on_device for a batch holding JPEG bytes (nvjpeg)."""
+    import torch
+
+    from deepvis.storage.images import BadImage, decode
+    from deepvis.tasks.preprocess import crop_input, crop_tensor, decode_jpegs
+
+    crop = int(pre["crop"])
+    decoded = decode_jpegs(batch.jpegs, device)
+    at = set(batch.jpeg_at)
+    cpu_at = [i for i in range(len(batch.ids)) if i not in at]
+    out = torch.empty((len(batch.ids), 3, crop, crop), dtype=torch.uint8, device=device)
+    if cpu_at:
+        out[cpu_at] = batch.pixels.to(device)
+    keep = [True] * len(batch.ids)
+    skipped = list(batch.skipped)
+    for i, data, img in zip(batch.jpeg_at, batch.jpegs, decoded):
+        if img is not None:
+            out[i] = crop_tensor(img, pre)
+            continue
+        try:     # the device decoder refused it: the CPU decides (a bad file is skipped, as with pil)
+            px = np.array(crop_input(decode(data), pre), dtype=np.uint8)    # writable: torch shares it
+            out[i] = torch.from_numpy(px).permute(2, 0, 1).to(device)
+        except BadImage as e:
+            keep[i] = False
+            skipped.append({"image": batch.ids[i], "reason": str(e)})
+    if not all(keep):
+        rows = [i for i, k in enumerate(keep) if k]
+        out = out[rows] if rows else None
+    ids = [x for x, k in zip(batch.ids, keep) if k]
+    return Batch(ids, out, skipped)
 
 
 def _ready(_=None) -> int:
@@ -141,10 +225,14 @@ class Decoder:
             chunks = [f.result() for f in pending.popleft()]
             if i + self.ahead < len(slices):
                 submit(i + self.ahead)
-            keep = [x for c in chunks for x in c.ids]
+            keep, jpeg_at = [], []
+            for c in chunks:
+                jpeg_at += [len(keep) + j for j in c.jpeg_at]
+                keep += c.ids
             arrays = [c.pixels for c in chunks if c.pixels is not None]
             pixels = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2) if arrays else None
-            yield Batch(keep, pixels, [s for c in chunks for s in c.skipped])
+            yield Batch(keep, pixels, [s for c in chunks for s in c.skipped],
+                        [d for c in chunks for d in c.jpegs], jpeg_at)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

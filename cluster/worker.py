@@ -129,6 +129,7 @@ class ShardWorker:
         # every image is computed in the same batch whatever the sharding: the kernels' rounding
         # depends on the batch, and the atlas must not depend on the sharding
         for batch in self._decoder().batches(ids, shard["batch_size"]):
+            batch = batch.on_device(self.device, self.lm.preprocessing)   # nvjpeg: decoded here
             skipped += batch.skipped
             if not batch.ids:
                 continue

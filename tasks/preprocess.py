@@ -79,3 +79,61 @@ def to_pil(x01) -> Image.Image:
     import torch
     arr = (x01.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr, "RGB")
+
+
+# ---------------------------------------------------------------- on the model's device (--decoder nvjpeg)
+# bicubic is left to the CPU: torch upsamples it with another kernel than PIL (up to 12 levels apart on
+# the sample images, against 1 for bilinear)
+DEVICE_INTERPOLATIONS = ("bilinear",)
+
+
+def device_geometry(pre: dict) -> bool:
+    """Whether crop_tensor reproduces crop_input's geometry for this preprocessing: an int resize of
+    the shorter side, a crop no larger, bilinear (torch's antialiased bilinear is PIL's filter).
+    Otherwise the images are cut on the CPU (crop_input)."""
+    resize = pre.get("resize")
+    return (isinstance(resize, int) and not isinstance(resize, bool) and int(pre["crop"]) <= resize
+            and str(pre.get("interpolation", "bilinear")).lower() in DEVICE_INTERPOLATIONS)
+
+
+def crop_tensor(img, pre: dict):
+    """uint8 (3, H, W) RGB on any device -> uint8 (3, crop, crop): crop_input's resize of the shorter
+    side and centre crop, with torch's antialiased bilinear filter (PIL's: within one level of PIL's
+    pixels on the sample images, tests/tasks/test_preprocess.py). Needs device_geometry(pre)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = int(img.shape[-2]), int(img.shape[-1])
+    nw, nh = _resized_size(w, h, pre["resize"])
+    x = img
+    if (nw, nh) != (w, h):
+        mode = str(pre.get("interpolation", "bilinear")).lower()
+        y = F.interpolate(img[None].float(), size=(nh, nw), mode=mode, antialias=True, align_corners=False)[0]
+        x = y.round_().clamp_(0, 255).to(torch.uint8)
+    crop = int(pre["crop"])
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return x[:, top:top + crop, left:left + crop]
+
+
+def decode_jpegs(datas: list, device) -> list:
+    """JPEG files' bytes -> uint8 (3, H, W) RGB tensors on `device`, all in one torchvision.io.decode_jpeg
+    call (on CUDA: batched nvJPEG, the GPU's JPEG decoder). None for a file it cannot decode, which the
+    caller decodes another way (a batch that fails is retried one file at a time)."""
+    import warnings
+
+    import torch
+    import torchvision.io as tio
+
+    ts = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    with warnings.catch_warnings():   # torchvision >= 0.29 says its decoders move to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(tio.decode_jpeg(ts, mode=tio.ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out = []
+            for t in ts:
+                try:
+                    out.append(tio.decode_jpeg(t, mode=tio.ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out

@@ -35,8 +35,9 @@ HELP = {
                      "and the build goes on without them, or stops if none is ready (default: 300)",
     "precision": "fp32, bf16 or fp16: autocast and channels_last for both passes on a GPU (default: fp32; "
                  "CPU actors compute in fp32)",
-    "decoder": "the dataset pass's JPEG decoder: pil, or torchvision (torchvision.io.decode_jpeg); "
-               "recorded in the manifest (default: pil)",
+    "decoder": "the dataset pass's JPEG decoder: pil; torchvision (torchvision.io.decode_jpeg on the "
+               "decode processes' CPUs); or nvjpeg (GPU actors only: whole batches decoded and cropped on "
+               "the GPU, other files on the CPUs). Recorded in the manifest (default: pil)",
 }
 
 

@@ -136,14 +136,19 @@ def test_precision_and_decoder_flags(monkeypatch):
         BuildConfig.from_dict({"decoder": "opencv"})
     with pytest.raises(UserError, match="needs a GPU"):
         BuildConfig.from_dict({"precision": "bf16", "device": "cpu"})
+    with pytest.raises(UserError, match="--decoder nvjpeg decodes on the actors' GPUs"):
+        BuildConfig.from_dict({"decoder": "nvjpeg", "device": "cpu"})
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(UserError, match="needs GPU actors"):
         actor_layout(BuildConfig(precision="fp16"))
     assert actor_layout(BuildConfig(decoder="torchvision"))[0] == 2
+    with pytest.raises(UserError, match="nvjpeg .* this cluster has no GPU"):
+        actor_layout(BuildConfig(decoder="nvjpeg"))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}])
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
     assert actor_layout(BuildConfig(precision="bf16"))[1]["num_gpus"] == 1
+    assert actor_layout(BuildConfig(decoder="nvjpeg"))[1]["num_gpus"] == 1
 
 
 def test_torchvision_decoder_gives_the_pil_crops(dataset):
@@ -156,3 +161,73 @@ def test_torchvision_decoder_gives_the_pil_crops(dataset):
     b = decode_chunk(dataset_root(dataset), ids, pre, kind="torchvision")
     assert a.ids == b.ids and len(a.ids) == 24 and [s["image"] for s in b.skipped] == ["broken.jpg"]
     assert np.array_equal(a.pixels, b.pixels)
+
+
+def _decoded(dataset, kind: str, batch_size: int = 5):
+    """Every batch of the dataset through a Decoder of `kind`, made whole on the CPU device."""
+    from deepvis.cluster.decode import Decoder
+    from deepvis.tasks.models import load_model
+    pre = load_model("efficientnet_lite0").preprocessing
+    dec = Decoder(dataset_root(dataset), pre, 1, kind=kind)
+    try:
+        raw = list(dec.batches(list_images(dataset), batch_size))
+    finally:
+        dec.close()
+    done = [b.on_device("cpu", pre) for b in raw]
+    return raw, [x for b in done for x in b.ids], torch.cat([b.pixels for b in done]), \
+        [s["image"] for b in done for s in b.skipped]
+
+
+def test_nvjpeg_decoder_gives_the_pil_crops_within_one_level(dataset):
+    """--decoder nvjpeg: the decode processes send the RGB/grey JPEGs' bytes, the actor's device decodes
+    and cuts them (here the CPU: the same torchvision calls as on CUDA but libjpeg-turbo for nvJPEG);
+    the CMYK ones and the broken file go the CPU way. Same images, same order, same skips as pil."""
+    _, ids_p, px_p, skip_p = _decoded(dataset, "pil")
+    raw, ids_n, px_n, skip_n = _decoded(dataset, "nvjpeg")
+    assert ids_n == ids_p and len(ids_n) == 24 and skip_n == skip_p == ["broken.jpg"]
+    from PIL import Image
+    root = dataset_root(dataset)
+    modes = [Image.open(os.path.join(root, i)).mode for i in ids_p]
+    assert [x for b in raw for x in (b.ids[j] for j in b.jpeg_at)] == \
+        [i for i, m in zip(ids_p, modes) if m in ("RGB", "L")]     # those went to the device decoder
+    d = (px_n.int() - px_p.int()).abs()
+    assert d.max() <= 1 and d.float().mean() < 0.5
+
+
+def test_nvjpeg_files_the_device_rejects_are_decoded_on_the_cpu(dataset, monkeypatch):
+    """A JPEG the device decoder refuses (None from decode_jpegs) is decoded by PIL in the actor: those
+    crops are pil's to the bit, the others unchanged; one PIL cannot decode either is skipped."""
+    import deepvis.tasks.preprocess as pp
+    real = pp.decode_jpegs
+    monkeypatch.setattr(pp, "decode_jpegs", lambda datas, device: [
+        None if i % 2 else t for i, t in enumerate(real(datas, device))])
+    _, ids_p, px_p, _ = _decoded(dataset, "pil")
+    raw, ids_n, px_n, skip_n = _decoded(dataset, "nvjpeg")
+    assert ids_n == ids_p and skip_n == ["broken.jpg"]
+    refused = {b.ids[i] for b in raw for j, i in enumerate(b.jpeg_at) if j % 2}
+    assert refused
+    for k, image in enumerate(ids_n):
+        d = (px_n[k].int() - px_p[k].int()).abs().max()
+        assert d == 0 if image in refused else d <= 1
+
+
+def test_nvjpeg_dataset_shard_agrees_with_pil(dataset, tmp_path):
+    """The whole shard with --decoder nvjpeg (on this CPU): the same images seen and skipped as with
+    pil, and nearly every unit's top image the same (the crops differ by at most one level)."""
+    results = {}
+    for kind in ("pil", "nvjpeg"):
+        w = ShardWorker("efficientnet_lite0", None, open_store(str(tmp_path / kind)), "cpu", 1,
+                        dataset=dataset, decoder=kind)
+        try:
+            shard = shard_for(w, dataset)
+            summary = w.run(shard)
+        finally:
+            w._close_decoder()
+        assert summary["seen"] == 24 and [s["image"] for s in summary["skipped"]] == ["broken.jpg"]
+        results[kind] = stored(w, shard)
+    for a, b in zip(results["pil"], results["nvjpeg"]):
+        same = np.mean(a["top"]["image"][:, 0] == b["top"]["image"][:, 0])
+        assert same > 0.9, same
+        x, y = a["top"]["activation"][:, 0], b["top"]["activation"][:, 0]
+        rel = np.abs(x - y) / np.maximum(np.abs(x), 1e-3)
+        assert np.median(rel) < 0.02 and np.percentile(rel, 99) < 0.1, (np.median(rel), np.percentile(rel, 99))
