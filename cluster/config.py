@@ -35,7 +35,7 @@ class BuildConfig:
     shard_images: int = 200             # images per dataset shard
     batch_size: int | None = None       # images per forward in the dataset pass (None: the device's, see build.CPU_BATCH)
     precision: str = "fp32"             # fp32 | bf16 | fp16: autocast of both passes (GPU; see validate)
-    decoder: str = "pil"                # pil | torchvision: the dataset pass's JPEG decoder
+    decoder: str = "pil"                # pil | torchvision | nvjpeg: the dataset pass's JPEG decoder
     max_attempts: int = 3               # a shard failing this often is reported as failed
     actor_timeout: int = 300            # seconds before unplaced actors are reported (none placed: error)
     progress: bool = True
