@@ -318,6 +318,9 @@ def _run_build(cfg: BuildConfig, on_actor=None, log=print) -> dict:
     with phases("plan"):
         store = open_store(cfg.out, cfg.endpoint_url)
         plan = make_plan(cfg)
+        if cfg.dataset and not (cfg.address or "").startswith("ray://"):
+            from deepvis.storage.datasets import check_list_entries
+            check_list_entries(cfg.dataset, plan.images)   # a list read from the wrong directory
     with phases("actors"):
         started_ray = connect(cfg.address)
     try:

@@ -133,6 +133,21 @@ def _read_list(list_file: str) -> list[str]:
     return ids
 
 
+def check_list_entries(source: str, ids: list[str], sample: int = 16) -> None:
+    """StoreError when `source` is a list file none of whose first `sample` ids exists here: a
+    wrong list or a wrong base directory, not a dataset of unreadable files, and said before a build
+    starts rather than as '100 skipped' after it. A few missing files among present ones are left
+    to decode time (skipped and counted). Only for a driver that sees the workers' files (a
+    ray:// client's machine need not)."""
+    kind, list_file = _split_source(source)
+    root, head = os.path.dirname(list_file), ids[:sample]
+    if kind == "list" and head and not any(os.path.exists(image_path(root, i)) for i in head):
+        first = image_path(root, head[0])
+        raise StoreError(f"none of the first {len(head)} entries of dataset list {list_file!r} exists "
+                         f"(the first resolves to {first!r}); relative entries are relative to the "
+                         f"list file's directory: write absolute paths or move the list")
+
+
 def list_images(source: str, endpoint_url: str | None = None) -> list[str]:
     """The image ids of a dataset, sorted ascending and unique. StoreError when the source does not
     exist or lists no image. An s3://bucket/prefix source lists the image keys under the prefix."""

@@ -18,7 +18,9 @@ HELP = {
     "presets_file": "TOML/JSON file defining extra presets",
     "steps": "override the presets' optimization steps (e.g. 50 for a quick CPU look)",
     "size": "override the optimization image size in pixels (e.g. 64 on a CPU)",
-    "dataset": "image folder or list file for the top-k dataset pass (default: no dataset pass)",
+    "dataset": "image folder, s3://bucket/prefix, or a text file of image paths (one a line; relative "
+               "ones are relative to the list file's directory) for the top-k dataset pass (default: no "
+               "dataset pass)",
     "k": "top-k and bottom-k images kept per unit (default: 9)",
     "out": "the atlas store: a directory or s3://bucket/prefix (default: ./atlas)",
     "endpoint_url": ENDPOINT_HELP,

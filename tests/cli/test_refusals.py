@@ -203,3 +203,22 @@ def test_build_config_tables_and_booleans(text, msg, tmp_path):
     r = deepvis("build", "--config", p, "--out", tmp_path / "atlas", "--address", "127.0.0.1:1")
     assert refused(r, "build") == msg.format(p=str(p))
     assert not (tmp_path / "atlas").exists()
+
+
+# ------------------------------------------------------------------ --dataset
+def test_build_list_of_paths_from_the_wrong_directory_refused_at_plan_time(tmp_path, sample_dir):
+    """Entries written relative to the shell's directory, not the list's: refused before any actor
+    starts, not a 'complete' atlas with every image 'skipped as unreadable'."""
+    files = sorted(sample_dir.glob("*/*.JPEG"))[:20]
+    lst = tmp_path / "lists" / "images.txt"
+    lst.parent.mkdir()
+    lst.write_text("".join(f"{os.path.relpath(f, tmp_path)}\n" for f in files))
+    r = deepvis("build", "--model", "efficientnet_lite0", "--layers", "_fc", "--units", "0:2", "--presets",
+                "none", "--dataset", lst, "--out", tmp_path / "atlas", "--address", "127.0.0.1:1")
+    msg = refused(r, "build")
+    assert msg.startswith(f"none of the first 16 entries of dataset list {str(lst)!r} exists"), msg
+    assert "relative to the list file's directory" in msg
+    lst.write_text("".join(f"{f}\n" for f in files))    # the same files, absolute: planned, on to Ray
+    r = deepvis("build", "--model", "efficientnet_lite0", "--layers", "_fc", "--units", "0:2", "--presets",
+                "none", "--dataset", lst, "--out", tmp_path / "atlas", "--address", "127.0.0.1:1")
+    assert refused(r, "build").startswith("cannot reach the Ray cluster at '127.0.0.1:1'")

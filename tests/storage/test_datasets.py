@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepvis.storage.datasets import BadImage, dataset_root, list_images, read_image
+from deepvis.storage.datasets import BadImage, check_list_entries, dataset_root, list_images, read_image
 from deepvis.storage.errors import StoreError
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "imagenet-sample")
@@ -139,7 +139,8 @@ def test_single_image_source(messy):
     assert read_image(dataset_root(src), "gray.png").mode == "RGB"
 
 
-@pytest.mark.parametrize("make", ["missing", "empty_dir", "empty_list", "no_images", "s3", "scheme"])
+@pytest.mark.parametrize("make", ["missing", "empty_dir", "empty_list", "no_images", "wrong_base", "s3",
+                                  "scheme"])
 def test_unusable_sources_raise_one_line_store_errors(tmp_path, make):
     if make == "missing":
         src = str(tmp_path / "nope")
@@ -153,13 +154,21 @@ def test_unusable_sources_raise_one_line_store_errors(tmp_path, make):
         (tmp_path / "sub").mkdir()
         (tmp_path / "sub" / "b.csv").write_text("x")
         src = str(tmp_path)
+    elif make == "wrong_base":   # paths written relative to the shell's directory, not the list's
+        (tmp_path / "img").mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / "img" / "a.png")
+        (tmp_path / "lists").mkdir()
+        (tmp_path / "lists" / "l.txt").write_text("img/a.png\nimg/b.png\n")
+        src = str(tmp_path / "lists" / "l.txt")
     elif make == "s3":
         src = "s3://bucket/prefix"
     else:
         src = "ftp://host/x"
     with pytest.raises(StoreError) as e:
-        list_images(src)
+        check_list_entries(src, list_images(src))
     assert "\n" not in str(e.value) and str(e.value)
+    if make == "wrong_base":
+        assert "relative to the list file's directory" in str(e.value) and "lists/img/a.png" in str(e.value)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
