@@ -91,52 +91,62 @@ def _read_torchvision(root: str, image_id: str, endpoint_url: str | None):
     return Image.fromarray(t.permute(1, 2, 0).numpy(), "RGB")
 
 
-def _jpeg_bytes(root: str, image_id: str) -> bytes | None:
-    """nvjpeg, in a decode process: the file's bytes when the device can decode it as the CPU would (a
-    local JPEG in RGB or grey, within storage.images' limits: the header is read, not the pixels);
-    None to decode it here (read_image then gives the reason of a bad one)."""
+def _device_jpeg(data: bytes) -> bool:
+    """nvjpeg: whether the device may decode these bytes as the CPU would: a whole JPEG (ending in its
+    EOI marker: a truncated one goes to PIL, which refuses it) in RGB or grey, within storage.images'
+    limits; the header is read, not the pixels. Any doubt: False, and the CPU path decides."""
     import io
 
     from PIL import Image
 
-    from deepvis.storage.datasets import image_path
     from deepvis.storage.images import ImageLimits, check_size
-    if root.startswith("s3://"):
-        return None
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return False
     try:
-        with open(image_path(root, image_id), "rb") as fh:
-            data = fh.read()
         with Image.open(io.BytesIO(data)) as probe:
             if probe.format != "JPEG" or probe.mode not in ("RGB", "L"):
-                return None
+                return False
             check_size(probe.width, probe.height, ImageLimits())
-    except Exception:  # noqa: BLE001 - any doubt (BadImage, OSError, PIL's errors): the CPU path decides
-        return None
-    return data
+    except Exception:  # noqa: BLE001 - BadImage, PIL's errors: the CPU path gives the reason
+        return False
+    return True
+
+
+def _read_decode(root: str, image_id: str, endpoint_url: str | None, kind: str):
+    """(JPEG bytes for the device, None) or (None, the decoded image); BadImage when unusable. nvjpeg
+    reads each file once (one GET from S3): bytes the device may not take are decoded from memory."""
+    from deepvis.storage.datasets import read_bytes, read_image
+    from deepvis.storage.images import decode
+
+    if kind == "nvjpeg":
+        data = read_bytes(root, image_id, endpoint_url)
+        return (data, None) if _device_jpeg(data) else (None, decode(data))
+    if kind == "torchvision":
+        return None, _read_torchvision(root, image_id, endpoint_url)
+    return None, read_image(root, image_id, endpoint_url=endpoint_url)
 
 
 def decode_chunk(root: str, ids: list[str], pre: dict, endpoint_url: str | None = None,
                  kind: str = "pil") -> Chunk:
     """In a decode process: read, decode and crop `ids` -> Chunk (nvjpeg: the JPEGs only read)."""
-    from deepvis.storage.datasets import BadImage, read_image
+    from deepvis.storage.datasets import BadImage
     from deepvis.tasks.preprocess import crop_input, device_geometry
 
     keep, arrays, skipped, jpegs, jpeg_at = [], [], [], [], []
-    on_device = kind == "nvjpeg" and device_geometry(pre)
+    if kind == "nvjpeg" and not device_geometry(pre):
+        kind = "pil"                     # bicubic preprocessing: cut on the CPU (see tasks.preprocess)
     for image_id in ids:
-        data = _jpeg_bytes(root, image_id) if on_device else None
-        if data is not None:
-            jpegs.append(data)
-            jpeg_at.append(len(keep))
-            keep.append(image_id)
-            continue
         try:
-            img = (_read_torchvision(root, image_id, endpoint_url) if kind == "torchvision"
-                   else read_image(root, image_id, endpoint_url=endpoint_url))
-            arrays.append(np.asarray(crop_input(img, pre), dtype=np.uint8))
-            keep.append(image_id)
+            data, img = _read_decode(root, image_id, endpoint_url, kind)
         except BadImage as e:
             skipped.append({"image": image_id, "reason": str(e)})
+            continue
+        if data is not None:
+            jpeg_at.append(len(keep))
+            jpegs.append(data)
+        else:
+            arrays.append(np.asarray(crop_input(img, pre), dtype=np.uint8))
+        keep.append(image_id)
     return Chunk(keep, np.stack(arrays) if arrays else None, skipped, jpegs, jpeg_at)
 
 

@@ -181,12 +181,29 @@ def read_image(root: str, image_id: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     would fail: it is not the image's fault)."""
     limits = ImageLimits(max_pixels=max_pixels)
     if root.startswith("s3://"):
+        return decode(read_bytes(root, image_id, endpoint_url), limits)
+    return open_image(image_path(root, image_id), limits)
+
+
+def read_bytes(root: str, image_id: str, endpoint_url: str | None = None) -> bytes:
+    """One image file's bytes, undecoded (for a decoder elsewhere: the device's). BadImage when it is
+    missing, empty or unreadable; an unreachable S3 store raises StoreError, as in read_image."""
+    if root.startswith("s3://"):
         try:
             data = _s3(root, endpoint_url).get(image_id)
         except KeyError:
             raise BadImage("file not found") from None
-        if not data:
-            raise BadImage("empty file")
-        return decode(data, limits)
-    return open_image(image_path(root, image_id), limits)
+    else:
+        try:
+            with open(image_path(root, image_id), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise BadImage("file not found") from None
+        except IsADirectoryError:
+            raise BadImage("a directory, not a file") from None
+        except OSError as e:
+            raise BadImage(f"unreadable: {e.strerror or e}") from None
+    if not data:
+        raise BadImage("empty file")
+    return data
 

@@ -38,8 +38,9 @@ HELP = {
     "precision": "fp32, bf16 or fp16: autocast and channels_last for both passes on a GPU (default: fp32; "
                  "CPU actors compute in fp32)",
     "decoder": "the dataset pass's JPEG decoder: pil; torchvision (torchvision.io.decode_jpeg on the "
-               "decode processes' CPUs); or nvjpeg (GPU actors only: whole batches decoded and cropped on "
-               "the GPU, other files on the CPUs). Recorded in the manifest (default: pil)",
+               "decode processes' CPUs); or nvjpeg (GPU actors only: the RGB and grey JPEGs, local or s3://, "
+               "decoded and cropped on the GPU in whole batches, other files on the CPUs). Recorded in "
+               "the manifest (default: pil)",
 }
 
 

@@ -231,3 +231,55 @@ def test_nvjpeg_dataset_shard_agrees_with_pil(dataset, tmp_path):
         x, y = a["top"]["activation"][:, 0], b["top"]["activation"][:, 0]
         rel = np.abs(x - y) / np.maximum(np.abs(x), 1e-3)
         assert np.median(rel) < 0.02 and np.percentile(rel, 99) < 0.1, (np.median(rel), np.percentile(rel, 99))
+
+
+def _chunks_on_device(root: str, ids: list[str], kind: str, endpoint_url: str | None = None):
+    """decode_chunk in this process (the decode process's work), then the actor's on_device (CPU)."""
+    from deepvis.cluster.decode import Batch, decode_chunk
+    from deepvis.tasks.models import load_model
+    pre = load_model("efficientnet_lite0").preprocessing
+    c = decode_chunk(root, ids, pre, endpoint_url, kind)
+    pixels = torch.from_numpy(c.pixels).permute(0, 3, 1, 2) if c.pixels is not None else None
+    return c, Batch(c.ids, pixels, c.skipped, c.jpegs, c.jpeg_at).on_device("cpu", pre)
+
+
+def test_nvjpeg_sends_no_truncated_jpeg_to_the_device(sample_dir, tmp_path):
+    """A JPEG cut short (no EOI marker) goes to PIL, which refuses it as with --decoder pil, whatever
+    the device's decoder would make of it; a whole one with zero padding after its EOI goes to the
+    device."""
+    data = sorted(sample_dir.glob("*/*.JPEG"))[0].read_bytes()
+    (tmp_path / "whole.jpg").write_bytes(data)
+    (tmp_path / "padded.jpg").write_bytes(data + b"\0" * 64)
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) * 2 // 3])
+    ids = ["padded.jpg", "truncated.jpg", "whole.jpg"]
+    c, b = _chunks_on_device(str(tmp_path), ids, "nvjpeg")
+    _, p = _chunks_on_device(str(tmp_path), ids, "pil")
+    assert [c.ids[i] for i in c.jpeg_at] == ["padded.jpg", "whole.jpg"]
+    assert b.ids == p.ids == ["padded.jpg", "whole.jpg"]
+    assert b.skipped == p.skipped and [s["image"] for s in b.skipped] == ["truncated.jpg"]
+    assert (b.pixels.int() - p.pixels.int()).abs().max() <= 1
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    from tests.s3server import s3_server_fixture
+    yield from s3_server_fixture(tmp_path_factory, bucket="nvjpeg-ds")
+
+
+def test_nvjpeg_reads_an_s3_dataset(dataset, s3_server, monkeypatch):
+    """An s3:// dataset with --decoder nvjpeg: each object fetched once, its JPEG bytes decoded on the
+    device like a local file's (the same crops, the same CPU-path and skipped files)."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    root, ids = dataset_root(dataset), list_images(dataset)
+    s3_root = f"s3://{s3_server.bucket}/ds"
+    store = open_store(s3_root, s3_server.endpoint_url)
+    names = [f"{n:03d}_{os.path.basename(i)}" for n, i in enumerate(ids)]   # keys in the same order
+    for i, name in zip(ids, names):
+        store.put(name, open(os.path.join(root, i), "rb").read())
+    local, lb = _chunks_on_device(root, ids, "nvjpeg")
+    s3, sb = _chunks_on_device(s3_root, names, "nvjpeg", s3_server.endpoint_url)
+    assert local.jpeg_at == s3.jpeg_at and len(s3.jpeg_at) >= 20            # the RGB/grey JPEGs
+    assert [names[ids.index(i)] for i in lb.ids] == sb.ids and len(sb.ids) == 24
+    assert [s["image"] for s in sb.skipped] == [names[ids.index("broken.jpg")]]
+    assert torch.equal(lb.pixels, sb.pixels)
