@@ -85,6 +85,8 @@ def print_summary(s: dict, out=None) -> None:
           f"{s['shards_computed']} shards computed, {s['shards_skipped']} skipped (already finished)", file=out)
     if s["images"]:
         print(f"  dataset: {s['images_seen']} images searched, {s['images_skipped']} skipped as unreadable", file=out)
+        for line in _skip_reasons(s.get("skipped_images") or []):
+            print(f"    {line}", file=out)
     if s.get("actors_lost"):
         print(f"  {s['actors_lost']} actor(s) lost (process or node); their shards were redone", file=out)
     for f in s["failed_shards"]:
@@ -94,6 +96,20 @@ def print_summary(s: dict, out=None) -> None:
         print("  phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in s["phases"].items()), file=out)
     if s["status"] == "complete":
         print(f"  look: deepvis status {s['atlas']}", file=out)
+
+
+def _skip_reasons(skipped: list[dict], most: int = 5) -> list[str]:
+    """The skipped images grouped by reason (the text before its first ':'), most common first, each
+    with a count and its first image: what to fix, without the whole list (that is the manifest's
+    dataset.skipped)."""
+    groups: dict[str, list[str]] = {}
+    for x in skipped:
+        groups.setdefault(str(x.get("reason", "")).split(":")[0] or "unknown", []).append(str(x.get("image")))
+    ranked = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))
+    lines = [f"{len(ids)} {reason}, e.g. {ids[0]!r}" for reason, ids in ranked[:most]]
+    if len(ranked) > most:
+        lines.append(f"{sum(len(ids) for _, ids in ranked[most:])} more for other reasons")
+    return lines + (["every image and its reason: manifest.json, dataset.skipped"] if lines else [])
 
 
 def _names(names: list[str], n: int = 3) -> str:

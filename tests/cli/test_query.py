@@ -1,6 +1,7 @@
 """Dataset pass through the build driver, then `deepvis query`, checked against brute force."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 import deepvis
+from deepvis.cli.build import print_summary
 from deepvis.cluster.build import run_build
 from deepvis.cluster.config import BuildConfig
 from deepvis.storage.atlas import Atlas
@@ -170,6 +172,14 @@ def test_bad_files_skipped_counted_and_named(ray_cluster, sample_dir, tmp_path):
     assert m["dataset"]["images"] == 8 and m["dataset"]["images_seen"] == 5 and m["dataset"]["images_skipped"] == 3
     assert sorted(s["image"] for s in m["dataset"]["skipped"]) == ["bad/empty.jpg", "bad/text.jpg", "bad/truncated.jpg"]
     assert all(s["reason"] for s in m["dataset"]["skipped"])
+    printed = io.StringIO()
+    print_summary(summary, printed)         # what `deepvis build` prints: counts, a reason and an example each
+    lines = printed.getvalue().splitlines()
+    at = lines.index("  dataset: 5 images searched, 3 skipped as unreadable")
+    assert lines[at + 1: at + 5] == ["    1 empty file, e.g. 'bad/empty.jpg'",
+                                     "    1 not an image (unknown format), e.g. 'bad/text.jpg'",
+                                     "    1 truncated, e.g. 'bad/truncated.jpg'",
+                                     "    every image and its reason: manifest.json, dataset.skipped"]
     seen = {r["image"] for r in pq.read_table(out / "index/topk.parquet").to_pylist()}
     assert {"good/gray.png", "good/cmyk.jpg"} & seen or len(seen) >= 2
 

@@ -222,3 +222,16 @@ def test_build_list_of_paths_from_the_wrong_directory_refused_at_plan_time(tmp_p
     r = deepvis("build", "--model", "efficientnet_lite0", "--layers", "_fc", "--units", "0:2", "--presets",
                 "none", "--dataset", lst, "--out", tmp_path / "atlas", "--address", "127.0.0.1:1")
     assert refused(r, "build").startswith("cannot reach the Ray cluster at '127.0.0.1:1'")
+
+
+def test_skip_reasons_are_grouped_counted_and_capped():
+    """The build's summary lines for skipped images: by reason, most common first, one example each,
+    the rest counted; names printed with repr (a file name may hold control characters)."""
+    from deepvis.cli.build import _skip_reasons
+    skipped = ([{"image": f"m{i}.jpg", "reason": "file not found"} for i in range(4)]
+               + [{"image": "e\x1b[2J.jpg", "reason": "empty file"}]
+               + [{"image": f"r{i}.jpg", "reason": f"r{i}: detail"} for i in range(6)])
+    assert _skip_reasons(skipped, most=3) == [
+        "4 file not found, e.g. 'm0.jpg'", "1 empty file, e.g. 'e\\x1b[2J.jpg'", "1 r0, e.g. 'r0.jpg'",
+        "5 more for other reasons", "every image and its reason: manifest.json, dataset.skipped"]
+    assert _skip_reasons([]) == []
