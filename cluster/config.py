@@ -32,7 +32,7 @@ class BuildConfig:
     actors: int | None = None           # None: one per GPU, else one per CPU core
     device: str | None = None           # None: cuda when the actor has a GPU, else cpu
     shard_units: int | None = None      # units per optimization shard (None: sized for the device)
-    shard_images: int = 200             # images per dataset shard
+    shard_images: int | None = None     # most images per dataset shard (None: the device's, see build.CPU_SHARD_IMAGES)
     batch_size: int | None = None       # images per forward in the dataset pass (None: the device's, see build.CPU_BATCH)
     precision: str = "fp32"             # fp32 | bf16 | fp16: autocast of both passes (GPU; see validate)
     decoder: str = "pil"                # pil | torchvision | nvjpeg: the dataset pass's JPEG decoder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -71,10 +72,12 @@ class Writer:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | Callable[[], bytes]) -> None:
+        """Upload `data`, or what the callable `data` returns: then the encoding (a PNG, a packed
+        state) runs in the upload thread too, and the caller's thread (an actor's compute) goes on."""
         self._raise()
         if self._pool is None:          # one in flight: the caller's own thread, no hand-off
-            self.store.put(key, data)
+            self.store.put(key, data() if callable(data) else data)
             self.written += 1
             return
         self._slots.acquire()
@@ -84,9 +87,9 @@ class Writer:
             self._slots.release()
             raise
 
-    def _put(self, key: str, data: bytes) -> None:
+    def _put(self, key: str, data: bytes | Callable[[], bytes]) -> None:
         try:
-            self.store.put(key, data)
+            self.store.put(key, data() if callable(data) else data)
             with self._lock:
                 self.written += 1
         except BaseException as e:  # noqa: BLE001 - kept and re-raised in the caller's thread

@@ -28,8 +28,9 @@ HELP = {
     "actors": "number of actors (default: one per GPU, else one per CPU core)",
     "device": "cpu or cuda (default: cuda when the actor has a GPU)",
     "shard_units": "units per optimization shard (default: sized for the device)",
-    "shard_images": "most images per dataset shard; shards are whole batches, balanced over the actors "
-                    "(default: 200)",
+    "shard_images": "most images per dataset shard; shards are whole batches, balanced over the actors; "
+                    "each leaves a partial state of every unit to merge (default: 200 on CPU actors, "
+                    "4096 on GPU actors)",
     "batch_size": "images per forward pass in the dataset pass (default: 8 on CPU actors, whose caches "
                   "hold a small batch's maps; 32 on GPU actors)",
     "max_attempts": "attempts before a shard is reported failed (default: 3)",

@@ -174,3 +174,23 @@ def test_a_resume_on_another_cluster_keeps_the_dataset_shards(sample_dir, tmp_pa
     other = make_plan(dataclasses.replace(cfg, batch_size=50))  # other batches: plan afresh
     make_shards(other, actors=1, store=store)
     assert _planned_data_shards(store, other) is None and len(other.data_shards) == 3
+
+
+def test_dataset_shard_caps_follow_the_device(tmp_path):
+    """Without --shard-images a GPU plan's shards hold up to 4,096 images (each shard's partial state
+    of every unit is written and merged: fewer, larger shards on a device that does thousands of
+    images a second), a CPU plan's up to 200; --shard-images overrides both."""
+    from deepvis.cluster.build import make_plan, make_shards
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"n{i % 10:08d}/{i:06d}.JPEG\n" for i in range(10_000)))
+
+    def sizes(gpu: bool, **keys) -> list[int]:
+        plan = make_plan(BuildConfig(layers="_fc", units="0:3", presets="none", dataset=str(lst),
+                                     out=str(tmp_path / "a"), progress=False, **keys))
+        make_shards(plan, gpu=gpu, actors=2)
+        return [len(s["images"]) for s in plan.data_shards]
+    gpu, cpu = sizes(True), sizes(False)
+    assert sum(gpu) == sum(cpu) == 10_000
+    assert len(gpu) == 4 and max(gpu) <= 4096 and all(n % 32 == 0 for n in gpu[:-1])   # 313 batches of 32
+    assert len(cpu) == 50 and max(cpu) <= 200 and all(n % 8 == 0 for n in cpu)         # 1,250 batches of 8
+    assert len(sizes(True, shard_images=1000)) == 10 and len(sizes(False, shard_images=1000)) == 10

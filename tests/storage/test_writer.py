@@ -101,3 +101,29 @@ def test_s3_writer_concurrent_puts(s3_store):
             w.put(k, v)
     assert sorted(s3_store.list("w/")) == sorted(payloads)
     assert all(s3_store.get(k) == v for k, v in payloads.items())
+
+
+@pytest.mark.parametrize("inflight", [1, 4])
+def test_a_callable_is_encoded_in_the_upload_thread(tmp_path, inflight):
+    """put(key, callable): the bytes are made where the upload runs (an upload thread when more than
+    one is in flight, so an actor's compute goes on), stored as given; an encoder's error is the
+    block's error, as a failed upload's."""
+    store, where = CountingStore(tmp_path, delay=0), []
+
+    def encode(i):
+        where.append(threading.current_thread().name)
+        return bytes([i]) * 10
+    with Writer(store, inflight) as w:
+        for i in range(8):
+            w.put(f"e/{i}.bin", lambda i=i: encode(i))
+    assert all(store.get(f"e/{i}.bin") == bytes([i]) * 10 for i in range(8)) and w.written == 8
+    caller = threading.current_thread().name
+    assert all(n == caller for n in where) if inflight == 1 else all(n.startswith("store-put") for n in where)
+
+    def broken():
+        raise ValueError("cannot encode")
+    with pytest.raises(ValueError, match="cannot encode"):
+        with Writer(store, inflight) as w:
+            w.put("e/bad.bin", broken)
+            w.put("e/after.bin", b"x")
+    assert not store.exists("e/bad.bin")
