@@ -217,24 +217,36 @@ class Decoder:
         """The decode processes' ids (tests kill one)."""
         return sorted(self.pool._processes or {})
 
-    def batches(self, ids: list[str], batch_size: int):
-        """Batches of the consecutive slices of `ids` (batch_size each, the last shorter), decoded
-        `ahead` batches in advance. Yields Batch."""
+    def batches(self, ids: list[str], batch_size: int) -> "Stream":
+        """The Batches of the consecutive slices of `ids` (batch_size each, the last shorter), decoded
+        `ahead` batches in advance; the first `ahead` are submitted now, before iteration starts (an
+        actor makes the stream of its next shard while the last one still computes)."""
+        return Stream(self, [ids[s:s + batch_size] for s in range(0, len(ids), batch_size)])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Stream:
+    """Decoder.batches: an iterable of Batch whose decoding starts when it is made."""
+
+    def __init__(self, decoder: Decoder, slices: list[list[str]]):
+        self.decoder, self.slices, self.pending = decoder, slices, deque()
+        for i in range(min(decoder.ahead, len(slices))):
+            self._submit(i)
+
+    def _submit(self, i: int) -> None:
+        d, part = self.decoder, self.slices[i]
+        self.pending.append([d.pool.submit(decode_chunk, d.root, part[s:s + CHUNK], d.pre, d.endpoint_url, d.kind)
+                             for s in range(0, len(part), CHUNK)])
+
+    def __iter__(self):
         import torch
 
-        slices = [ids[s:s + batch_size] for s in range(0, len(ids), batch_size)]
-        pending: deque = deque()
-
-        def submit(i):
-            part = slices[i]
-            pending.append([self.pool.submit(decode_chunk, self.root, part[s:s + CHUNK], self.pre,
-                                             self.endpoint_url, self.kind) for s in range(0, len(part), CHUNK)])
-        for i in range(min(self.ahead, len(slices))):
-            submit(i)
-        for i in range(len(slices)):
-            chunks = [f.result() for f in pending.popleft()]
-            if i + self.ahead < len(slices):
-                submit(i + self.ahead)
+        for i in range(len(self.slices)):
+            chunks = [f.result() for f in self.pending.popleft()]
+            if i + self.decoder.ahead < len(self.slices):
+                self._submit(i + self.decoder.ahead)
             keep, jpeg_at = [], []
             for c in chunks:
                 jpeg_at += [len(keep) + j for j in c.jpeg_at]
@@ -243,6 +255,3 @@ class Decoder:
             pixels = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2) if arrays else None
             yield Batch(keep, pixels, [s for c in chunks for s in c.skipped],
                         [d for c in chunks for d in c.jpegs], jpeg_at)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)

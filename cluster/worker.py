@@ -3,8 +3,8 @@ store. Only small summaries go back to the driver. A shard's completion record i
 record in the store means every object of that shard is there (resume relies on it).
 
 The device never waits on the network: the actor runs two shards at once (Ray max_concurrency=2, the
-pool keeps two in flight), one computing while the other's uploads finish in a Writer's threads; a
-lock lets only one compute at a time."""
+pool keeps two in flight), one computing while the other's uploads finish in a Writer's threads (and
+the next dataset shard's first batches decode); a lock lets only one compute at a time."""
 from __future__ import annotations
 
 import functools
@@ -45,7 +45,8 @@ class ShardWorker:
         self.channels_last = gpu or CPU_CHANNELS_LAST
         if self.channels_last:
             self.lm.module.to(memory_format=torch.channels_last)
-        self._compute = threading.Lock()   # one shard computes; the other only uploads
+        self._compute = threading.Lock()   # one shard computes; the other only uploads (and decodes)
+        self._decoder_lock = threading.Lock()
         self.max_inflight = 16             # uploads in flight per shard (Store.writer)
 
     def pid(self) -> int:
@@ -59,10 +60,13 @@ class ShardWorker:
                 "node": ray.get_runtime_context().get_node_id()}
 
     def run(self, shard: dict) -> dict:
-        compute = {"opt": self._optimize, "data": self._dataset}[shard["type"]]
+        data = shard["type"] == "data"
         with self.store.writer(self.max_inflight) as writer:
+            # a dataset shard's decoding starts now, while the shard before it may still compute:
+            # the device does not wait for the first batches at every shard boundary
+            early = self._early_stream(shard) if data else None
             with self._compute:
-                summary = compute(shard, writer)
+                summary = self._dataset(shard, writer, early) if data else self._optimize(shard, writer)
         # the block waited for every upload and re-raised any error: only now the record
         layout.put_json(self.store, layout.record_key(shard["id"]),
                         {"id": shard["id"], "hash": shard["hash"], "pid": os.getpid(), "summary": summary})
@@ -99,21 +103,22 @@ class ShardWorker:
         return {"layer": shard["layer"], "rows": rows}
 
     # ---------------------------------------------------------------- dataset pass
-    def _dataset(self, shard: dict, writer) -> dict:
+    def _dataset(self, shard: dict, writer, stream=None) -> dict:
         """Redone once from the start when a decode process dies mid-shard (a fresh decoder pool);
         a second death fails the attempt (the pool retries the shard)."""
         from concurrent.futures.process import BrokenProcessPool
 
         for attempt in (1, 2):
             try:
-                return self._dataset_pass(shard, writer)
+                return self._dataset_pass(shard, writer, stream)
             except BrokenProcessPool:
+                stream = None
                 self._close_decoder()
                 if attempt == 2:
                     raise RuntimeError(f"decode processes died twice during shard {shard['id']}") from None
                 self.decoder_restarts = getattr(self, "decoder_restarts", 0) + 1
 
-    def _dataset_pass(self, shard: dict, writer) -> dict:
+    def _dataset_pass(self, shard: dict, writer, stream=None) -> dict:
         """Decode in other processes (uint8), normalize on the device, one forward per batch with every
         layer's spatial max taken in its hook, top/bottom-k of every unit kept on the device; the
         shard's state comes to the host once, at the end."""
@@ -127,7 +132,9 @@ class ShardWorker:
         # batches are fixed slices of the shard's ids (shards start at multiples of the batch size), so
         # every image is computed in the same batch whatever the sharding: the kernels' rounding
         # depends on the batch, and the atlas must not depend on the sharding
-        for batch in self._decoder().batches(ids, shard["batch_size"]):
+        if stream is None or stream.decoder is not self.decoder:     # none, or made before a pool restart
+            stream = self._decoder().batches(ids, shard["batch_size"])
+        for batch in stream:
             batch = batch.on_device(self.device, self.lm.preprocessing)   # nvjpeg: decoded here
             skipped += batch.skipped
             if not batch.ids:
@@ -147,15 +154,26 @@ class ShardWorker:
         from deepvis.cluster.decode import Decoder
         from deepvis.storage.datasets import dataset_root
 
-        if getattr(self, "decoder", None) is None:
-            self.decoder = Decoder(dataset_root(self.dataset), self.lm.preprocessing, self.decoders,
-                                   endpoint_url=self.endpoint_url, kind=self.decoder_kind)
-        return self.decoder
+        with self._decoder_lock:        # two shards' threads: one pool
+            if self.decoder is None:
+                self.decoder = Decoder(dataset_root(self.dataset), self.lm.preprocessing, self.decoders,
+                                       endpoint_url=self.endpoint_url, kind=self.decoder_kind)
+            return self.decoder
+
+    def _early_stream(self, shard: dict):
+        """The shard's batches, decoding from now on; None when the pool is broken or closing (the
+        computing thread then makes them, and restarts the pool)."""
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            return self._decoder().batches(shard["images"], shard["batch_size"])
+        except (BrokenProcessPool, RuntimeError):   # RuntimeError: submit after the pool's shutdown
+            return None
 
     def _close_decoder(self) -> None:
-        if getattr(self, "decoder", None) is not None:
-            self.decoder.close()
-            self.decoder = None
+        with self._decoder_lock:
+            if self.decoder is not None:
+                self.decoder.close()
+                self.decoder = None
 
     def _autocast(self):
         """--precision on a GPU: autocast to bf16/fp16 (fp32 and CPU actors: no autocast)."""

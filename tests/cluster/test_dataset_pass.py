@@ -121,6 +121,44 @@ def test_killed_decode_process_gets_the_shard_redone(worker, dataset, monkeypatc
                 np.testing.assert_array_equal(got[kind][key], ref[kind][key])
 
 
+def test_next_shard_decodes_while_the_last_one_computes(worker, dataset):
+    """Two dataset shards on one actor at once (Ray max_concurrency=2): the waiting one's first batches
+    are decoded before it takes the compute lock (the device does not wait for them), and both states
+    equal the shards run one after the other."""
+    import threading
+    import time
+    base = shard_for(worker, dataset, batch_size=4)
+    ids = base["images"]
+    a, b = {**base, "id": "data/a", "images": ids[:12]}, {**base, "id": "data/b", "images": ids[12:]}
+    seq = {}
+    for s in (a, b):
+        worker.run(s)
+        seq[s["id"]] = stored(worker, s)
+    stream = worker._early_stream(b)                           # what run() makes before the lock
+    deadline = time.time() + 60
+    while not all(f.done() for f in stream.pending[0]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(f.done() for f in stream.pending[0]), "nothing decoded before iteration"
+    assert [x for batch in stream for x in batch.ids] == [i for i in b["images"] if i != "broken.jpg"]
+    errors = []
+    def run(s):
+        try:
+            worker.run({**s, "id": s["id"] + "2"})
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(s,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    for s in (a, b):
+        for got, ref in zip(stored(worker, {**s, "id": s["id"] + "2"}), seq[s["id"]]):
+            for kind in ("top", "bottom"):
+                for key in ("activation", "image", "y", "x"):
+                    np.testing.assert_array_equal(got[kind][key], ref[kind][key])
+
+
 def test_precision_and_decoder_flags(monkeypatch):
     """--precision and --decoder: checked before any work; reduced precision needs GPU actors (on this
     CPU bf16 was 8x slower than fp32, BENCHMARKS.md); both reach the actors' options."""
