@@ -65,36 +65,32 @@ class Batch:
 
 
 def _read_torchvision(root: str, image_id: str, endpoint_url: str | None):
-    """decode_jpeg for a local JPEG (libjpeg-turbo, as PIL); anything else through read_image."""
-    from PIL import Image
-
-    from deepvis.storage.datasets import image_path, read_image
-    if root.startswith("s3://"):
-        return read_image(root, image_id, endpoint_url=endpoint_url)
-    path = image_path(root, image_id)
-    try:
-        with Image.open(path) as probe:       # header only: the format and the size (bomb check)
-            is_jpeg = probe.format == "JPEG" and probe.mode in ("RGB", "L")
-    except Exception:  # noqa: BLE001 - read_image gives the reason
-        is_jpeg = False
-    if not is_jpeg:
-        return read_image(root, image_id, endpoint_url=endpoint_url)
+    """torchvision's decode_jpeg (libjpeg-turbo: PIL's pixels exactly) for a whole RGB/grey JPEG within
+    the limits, local or S3, read once; anything else decoded from the same bytes by storage.images."""
     import warnings
 
+    import torch
     import torchvision.io as tio
+    from PIL import Image
+
+    from deepvis.storage.datasets import read_bytes
+    from deepvis.storage.images import decode
+    data = read_bytes(root, image_id, endpoint_url)
+    if not _whole_jpeg(data):
+        return decode(data)
     try:
         with warnings.catch_warnings():   # torchvision >= 0.29 says its decoders move to TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
-            t = tio.decode_jpeg(tio.read_file(path), mode=tio.ImageReadMode.RGB)
+            t = tio.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tio.ImageReadMode.RGB)
     except RuntimeError:
-        return read_image(root, image_id, endpoint_url=endpoint_url)
+        return decode(data)
     return Image.fromarray(t.permute(1, 2, 0).numpy(), "RGB")
 
 
-def _device_jpeg(data: bytes) -> bool:
-    """nvjpeg: whether the device may decode these bytes as the CPU would: a whole JPEG (ending in its
-    EOI marker: a truncated one goes to PIL, which refuses it) in RGB or grey, within storage.images'
-    limits; the header is read, not the pixels. Any doubt: False, and the CPU path decides."""
+def _whole_jpeg(data: bytes) -> bool:
+    """torchvision and nvjpeg: whether decode_jpeg may take these bytes and agree with PIL: a whole JPEG
+    (ending in its EOI marker: a truncated one goes to PIL, which refuses it) in RGB or grey, within
+    storage.images' limits; the header is read, not the pixels. Any doubt: False, and PIL decides."""
     import io
 
     from PIL import Image
@@ -120,7 +116,7 @@ def _read_decode(root: str, image_id: str, endpoint_url: str | None, kind: str):
 
     if kind == "nvjpeg":
         data = read_bytes(root, image_id, endpoint_url)
-        return (data, None) if _device_jpeg(data) else (None, decode(data))
+        return (data, None) if _whole_jpeg(data) else (None, decode(data))
     if kind == "torchvision":
         return None, _read_torchvision(root, image_id, endpoint_url)
     return None, read_image(root, image_id, endpoint_url=endpoint_url)

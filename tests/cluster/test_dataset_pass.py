@@ -281,21 +281,25 @@ def _chunks_on_device(root: str, ids: list[str], kind: str, endpoint_url: str | 
     return c, Batch(c.ids, pixels, c.skipped, c.jpegs, c.jpeg_at).on_device("cpu", pre)
 
 
-def test_nvjpeg_sends_no_truncated_jpeg_to_the_device(sample_dir, tmp_path):
-    """A JPEG cut short (no EOI marker) goes to PIL, which refuses it as with --decoder pil, whatever
-    the device's decoder would make of it; a whole one with zero padding after its EOI goes to the
-    device."""
+@pytest.mark.parametrize("kind", ["nvjpeg", "torchvision"])
+def test_decode_jpeg_takes_what_pil_takes(sample_dir, tmp_path, kind):
+    """A JPEG cut short (no EOI marker) or too elongated goes to PIL, which refuses it as with
+    --decoder pil, whatever decode_jpeg would make of it; a whole one with zero padding after its EOI
+    goes to decode_jpeg (nvjpeg: to the device)."""
+    from PIL import Image
     data = sorted(sample_dir.glob("*/*.JPEG"))[0].read_bytes()
     (tmp_path / "whole.jpg").write_bytes(data)
     (tmp_path / "padded.jpg").write_bytes(data + b"\0" * 64)
     (tmp_path / "truncated.jpg").write_bytes(data[: len(data) * 2 // 3])
-    ids = ["padded.jpg", "truncated.jpg", "whole.jpg"]
-    c, b = _chunks_on_device(str(tmp_path), ids, "nvjpeg")
+    Image.new("RGB", (2020, 20), (200, 10, 10)).save(tmp_path / "strip.jpg")     # aspect 101 > 100
+    ids = ["padded.jpg", "strip.jpg", "truncated.jpg", "whole.jpg"]
+    c, b = _chunks_on_device(str(tmp_path), ids, kind)
     _, p = _chunks_on_device(str(tmp_path), ids, "pil")
-    assert [c.ids[i] for i in c.jpeg_at] == ["padded.jpg", "whole.jpg"]
+    if kind == "nvjpeg":
+        assert [c.ids[i] for i in c.jpeg_at] == ["padded.jpg", "whole.jpg"]
     assert b.ids == p.ids == ["padded.jpg", "whole.jpg"]
-    assert b.skipped == p.skipped and [s["image"] for s in b.skipped] == ["truncated.jpg"]
-    assert (b.pixels.int() - p.pixels.int()).abs().max() <= 1
+    assert b.skipped == p.skipped and [s["image"] for s in b.skipped] == ["strip.jpg", "truncated.jpg"]
+    assert (b.pixels.int() - p.pixels.int()).abs().max() <= (1 if kind == "nvjpeg" else 0)
 
 
 @pytest.fixture(scope="module")
@@ -304,9 +308,10 @@ def s3_server(tmp_path_factory):
     yield from s3_server_fixture(tmp_path_factory, bucket="nvjpeg-ds")
 
 
-def test_nvjpeg_reads_an_s3_dataset(dataset, s3_server, monkeypatch):
+def test_nvjpeg_and_torchvision_read_an_s3_dataset(dataset, s3_server, monkeypatch):
     """An s3:// dataset with --decoder nvjpeg: each object fetched once, its JPEG bytes decoded on the
-    device like a local file's (the same crops, the same CPU-path and skipped files)."""
+    device like a local file's (the same crops, the same CPU-path and skipped files); with
+    --decoder torchvision, decode_jpeg's crops equal pil's."""
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     root, ids = dataset_root(dataset), list_images(dataset)
@@ -321,3 +326,6 @@ def test_nvjpeg_reads_an_s3_dataset(dataset, s3_server, monkeypatch):
     assert [names[ids.index(i)] for i in lb.ids] == sb.ids and len(sb.ids) == 24
     assert [s["image"] for s in sb.skipped] == [names[ids.index("broken.jpg")]]
     assert torch.equal(lb.pixels, sb.pixels)
+    _, tb = _chunks_on_device(s3_root, names, "torchvision", s3_server.endpoint_url)   # decode_jpeg too
+    _, pb = _chunks_on_device(root, ids, "pil")
+    assert tb.ids == sb.ids and torch.equal(tb.pixels, pb.pixels)
