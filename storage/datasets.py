@@ -30,7 +30,7 @@ from PIL import Image
 
 from deepvis.storage.errors import StoreError
 # BadImage and DEFAULT_MAX_PIXELS are re-exported: callers import them from here
-from deepvis.storage.images import DEFAULT_MAX_PIXELS, BadImage, ImageLimits, decode, open_image  # noqa: F401
+from deepvis.storage.images import DEFAULT_MAX_PIXELS, BadImage, ImageLimits, decode, open_image, read_file  # noqa: F401
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 def is_image_name(name: str) -> bool:
@@ -194,15 +194,7 @@ def read_bytes(root: str, image_id: str, endpoint_url: str | None = None) -> byt
         except KeyError:
             raise BadImage("file not found") from None
     else:
-        try:
-            with open(image_path(root, image_id), "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            raise BadImage("file not found") from None
-        except IsADirectoryError:
-            raise BadImage("a directory, not a file") from None
-        except OSError as e:
-            raise BadImage(f"unreadable: {e.strerror or e}") from None
+        data = read_file(image_path(root, image_id))
     if not data:
         raise BadImage("empty file")
     return data

@@ -89,8 +89,8 @@ def _os_reason(e: OSError) -> str:
     return f"corrupt: {msg}"
 
 
-def open_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """A local image file -> RGB image. BadImage for a missing, empty, unreadable or bad file."""
+def _check_file(path: str | os.PathLike) -> None:
+    """BadImage for a missing, unreadable or empty file or a directory, before anything is read."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -101,10 +101,26 @@ def open_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> 
         raise BadImage("a directory, not a file")
     if size == 0:
         raise BadImage("empty file")
+
+
+def open_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """A local image file -> RGB image. BadImage for a missing, empty, unreadable or bad file. Read as
+    decoding goes: a bomb is refused from its header, before the rest of the file is read."""
+    _check_file(path)
     try:
         with open(path, "rb") as fh:
             return decode(fh, limits)
     except PermissionError as e:
+        raise BadImage(f"unreadable: {e.strerror or e}") from None
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """A local image file's bytes, undecoded (for decode_jpeg); BadImage as open_image's."""
+    _check_file(path)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as e:
         raise BadImage(f"unreadable: {e.strerror or e}") from None
 
 

@@ -292,13 +292,15 @@ def test_decode_jpeg_takes_what_pil_takes(sample_dir, tmp_path, kind):
     (tmp_path / "padded.jpg").write_bytes(data + b"\0" * 64)
     (tmp_path / "truncated.jpg").write_bytes(data[: len(data) * 2 // 3])
     Image.new("RGB", (2020, 20), (200, 10, 10)).save(tmp_path / "strip.jpg")     # aspect 101 > 100
-    ids = ["padded.jpg", "strip.jpg", "truncated.jpg", "whole.jpg"]
+    (tmp_path / "dir.jpg").mkdir()
+    ids = ["dir.jpg", "missing.jpg", "padded.jpg", "strip.jpg", "truncated.jpg", "whole.jpg"]
     c, b = _chunks_on_device(str(tmp_path), ids, kind)
     _, p = _chunks_on_device(str(tmp_path), ids, "pil")
     if kind == "nvjpeg":
         assert [c.ids[i] for i in c.jpeg_at] == ["padded.jpg", "whole.jpg"]
     assert b.ids == p.ids == ["padded.jpg", "whole.jpg"]
-    assert b.skipped == p.skipped and [s["image"] for s in b.skipped] == ["strip.jpg", "truncated.jpg"]
+    assert b.skipped == p.skipped          # the same reasons too
+    assert [s["image"] for s in b.skipped] == ["dir.jpg", "missing.jpg", "strip.jpg", "truncated.jpg"]
     assert (b.pixels.int() - p.pixels.int()).abs().max() <= (1 if kind == "nvjpeg" else 0)
 
 
