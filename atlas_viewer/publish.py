@@ -121,8 +121,7 @@ def _opt_histories(store: Store) -> dict[tuple[str, int, str], list]:
     first = store.get_or_none(keys[0]) or b""
     if len(first) * len(keys) > HISTORY_BUDGET:
         return out
-    for key in keys:
-        rec = layout.get_json(store, key)
+    for _, rec in layout.get_json_many(store, keys):
         s = (rec or {}).get("summary") or {}
         layer = s.get("layer")
         for r in s.get("rows") or []:

@@ -10,10 +10,16 @@ prints MB/s and objects/s, and writes/replaces the "Object storage" section of B
     .venv/bin/python bench/s3.py --concurrent [--inflight 1,4,16,64 --small 2000 --small-kb 24]
 
 measures one writer process instead, through `Store.writer(max_inflight=N)` (what the build's actors
-use): objects/s with 1 upload in flight and with N, into the "Concurrent writes" section."""
+use): objects/s with 1 upload in flight and with N, into the "Concurrent writes" section.
+
+    .venv/bin/python bench/s3.py --reads [--inflight 1,4,16,64 --small 2000 --delay-ms 25]
+
+reads back N shard completion records the way a resumed build does (cluster.build._finished_records,
+Store.get_many with N GETs in flight), into the "Concurrent reads" section."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -30,6 +36,7 @@ from benchmd import replace_section  # noqa: E402  (bench/ is the script directo
 
 SECTION = "## Object storage"
 CONCURRENT = "## Concurrent writes"
+READS = "## Concurrent reads"
 
 
 def make_writer_class(ray):
@@ -135,6 +142,82 @@ def run_concurrent(args) -> list[dict]:
     return rows
 
 
+def run_reads(args) -> list[dict]:
+    """Write args.small completion records once, then find them as a resumed build does
+    (cluster.build._finished_records) with N GETs in flight, straight to the server and through a
+    proxy that adds args.delay_ms to each reply (a remote store's round trip): records/s."""
+    from deepvis.storage import layout
+    from deepvis.storage.s3 import S3Store
+    from devtools.latency import LatencyProxy
+    from devtools.s3server import SeaweedServer
+
+    rows = []
+    args.load_before = os.getloadavg()[0]
+    shards = [{"id": f"opt/layer.{i % 66}/{i}-{i + 16}", "hash": f"h{i}"} for i in range(args.small)]
+    summary = {"rows": [{"unit": u, "preset": "yosinski-3", "act": 1.5, "dead": False} for u in range(16)]}
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
+        server = SeaweedServer(Path(tmp) / "data", bucket="bench")
+        server.start()
+        try:
+            os.environ.update(server.env())
+            store = S3Store.from_uri("s3://bench/records")
+            with store.writer(16) as w:
+                for sh in shards:
+                    w.put(layout.record_key(sh["id"]), json.dumps({"id": sh["id"], "hash": sh["hash"],
+                                                                    "summary": summary}).encode())
+            args.size = len(store.get(layout.record_key(shards[0]["id"])))
+            for delay in (0, args.delay_ms):
+                with LatencyProxy(server.ports["s3"], delay / 1000) as proxy:
+                    url = proxy.url if delay else server.endpoint_url
+                    for n in args.inflight:
+                        rows.append(_time_resume(S3Store.from_uri("s3://bench/records", endpoint_url=url),
+                                                 shards, n, delay))
+            args.load_after = os.getloadavg()[0]
+        finally:
+            server.stop()
+    return rows
+
+
+def _time_resume(store, shards: list[dict], n: int, delay: int) -> dict:
+    from deepvis.cluster import build
+    from deepvis.storage import s3
+
+    real = s3.S3Store.get_many
+    s3.S3Store.get_many = lambda self, keys, max_inflight=16: real(self, keys, n)   # the default, set to n
+    try:
+        store.exists("warmup/none")                       # client made, connection open
+        t = time.perf_counter()
+        done = build._finished_records(store, shards)
+        wall = time.perf_counter() - t
+    finally:
+        s3.S3Store.get_many = real
+    assert len(done) == len(shards)
+    print(f"delay={delay:3d} ms  inflight={n:3d}  {len(shards)} records  {wall:6.2f} s  "
+          f"{len(shards) / wall:7.1f} records/s", flush=True)
+    return {"delay": delay, "inflight": n, "objects": len(shards), "seconds": wall, "obj_s": len(shards) / wall}
+
+
+def markdown_reads(rows: list[dict], args) -> str:
+    lines = [READS, "",
+             f"`bench/s3.py --reads` ({time.strftime('%Y-%m-%d')}): a resumed build finds its finished "
+             f"shards (`cluster.build._finished_records`: one LIST, then every completion record read "
+             f"through `Store.get_many` with N GETs in flight; `deepvis status`, the crop phase's resume, "
+             f"the tree merge and the viewer's optimization curves read the same way) — {args.small} "
+             f"records of {args.size} B in a local SeaweedFS `weed mini` ({os.cpu_count()} CPUs, "
+             f"{platform.machine()}, Python {platform.python_version()}; load average before/after "
+             f"{args.load_before:.1f}/{args.load_after:.1f}), straight to the server and through "
+             f"`devtools/latency.py`, a loopback proxy that holds each reply {args.delay_ms} ms (a remote "
+             f"store's round trip). The default is 16 in flight; 1 in flight is how every record was "
+             f"read before.", "",
+             "| added latency | GETs in flight | records | seconds | records/s | × 1 in flight |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(b["obj_s"] for b in rows if b["delay"] == r["delay"] and b["inflight"] == rows[0]["inflight"])
+        lines.append(f"| {r['delay']} ms | {r['inflight']} | {r['objects']} | {r['seconds']:.2f} | "
+                     f"{r['obj_s']:.1f} | {r['obj_s'] / base:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_concurrent(rows: list[dict], args) -> str:
     base = rows[0]["obj_s"]
     lines = [CONCURRENT, "",
@@ -194,10 +277,21 @@ def main(argv=None):
     ap.add_argument("--no-md", action="store_true", help="don't update BENCHMARKS.md")
     ap.add_argument("--concurrent", action="store_true",
                     help="measure one process with N uploads in flight (Store.writer) instead")
-    ap.add_argument("--inflight", default="1,4,16,64", help="uploads in flight to compare, comma-separated")
+    ap.add_argument("--reads", action="store_true",
+                    help="measure reading completion records back as a resume does (Store.get_many) instead")
+    ap.add_argument("--delay-ms", type=int, default=25,
+                    help="with --reads: latency added to each reply by a loopback proxy (default: 25)")
+    ap.add_argument("--inflight", default="1,4,16,64",
+                    help="uploads (or GETs, with --reads) in flight to compare, comma-separated")
     args = ap.parse_args(argv)
     args.writers = [int(x) for x in args.writers.split(",")]
     args.inflight = [int(x) for x in args.inflight.split(",")]
+    if args.reads:
+        rows = run_reads(args)
+        if not args.no_md:
+            replace_section(ROOT / "BENCHMARKS.md", READS, markdown_reads(rows, args))
+            print(f"updated {ROOT / 'BENCHMARKS.md'} ({READS[3:]})")
+        return
     if args.concurrent:
         rows = run_concurrent(args)
         if not args.no_md:

@@ -38,9 +38,18 @@ def merge_states(states) -> dict:
 
 def merge_group(store: Store, keys: list[str], out_key: str) -> str:
     """Read the states at `keys`, merge them, write the result at out_key; returns out_key."""
-    merged = merge_states(layout.unpack_state(store.get(k)) for k in keys)
+    merged = merge_states(_read_states(store, keys))
     store.put(out_key, layout.pack_state(merged))
     return out_key
+
+
+def _read_states(store: Store, keys: list[str]):
+    """The states at keys, in order, the next one read while the last one is folded (two held at
+    most: a whole-network state is ~12 MB); a missing state is a KeyError, as store.get gives."""
+    for key, data in store.get_many(keys, max_inflight=2):
+        if data is None:
+            raise KeyError(key)
+        yield layout.unpack_state(data)
 
 
 def _merge_node(store: Store, out_key: str, *keys: str) -> str:

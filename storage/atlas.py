@@ -63,8 +63,7 @@ def layer_status(store: Store) -> tuple[dict, list[dict]]:
     rows = {l["name"]: {"layer": l["name"], "expected": len(l.get("selected") or range(l["units"])),
                         "done": 0, "dead": 0, "failed": 0} for l in m["layers"]}
     n_presets = len(m.get("presets") or [])
-    for key in store.list(layout.RECORDS + "/opt/"):
-        rec = layout.get_json(store, key)
+    for _, rec in layout.get_json_many(store, store.list(layout.RECORDS + "/opt/")):
         if not rec:
             continue
         s = rec["summary"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import mimetypes
 import os
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -47,6 +48,29 @@ class Store:
     def local_path(self, key: str) -> str | None:
         """A filesystem path for the key when the store is local (for viewers), else None."""
         return None
+
+    def get_many(self, keys: Iterable[str], max_inflight: int = 16) -> Iterator[tuple[str, bytes | None]]:
+        """(key, bytes or None when missing) for each key, in order, with at most max_inflight GETs
+        running (a resume or `deepvis status` reads thousands of completion records: one S3 GET
+        after another, 20-50 ms each, would take minutes). At most max_inflight results wait
+        unread, so memory stays bounded; an error other than a missing key is raised in order."""
+        if max_inflight <= 1:
+            yield from ((k, self.get_or_none(k)) for k in keys)
+            return
+        window: deque = deque()
+        with ThreadPoolExecutor(max_inflight, thread_name_prefix="store-get") as pool:
+            try:
+                for k in keys:
+                    if len(window) >= max_inflight:
+                        key, fut = window.popleft()
+                        yield key, fut.result()
+                    window.append((k, pool.submit(self.get_or_none, k)))
+                while window:
+                    key, fut = window.popleft()
+                    yield key, fut.result()
+            finally:                      # the caller stopped early or a GET failed: drop the rest
+                for _, fut in window:
+                    fut.cancel()
 
     def writer(self, max_inflight: int = 16) -> "Writer":
         """Puts in background threads, at most max_inflight at a time (an S3 PUT is 20-50 ms of

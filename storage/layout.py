@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,16 @@ def put_json(store: Store, key: str, obj: Any) -> None:
 
 
 def get_json(store: Store, key: str) -> Any | None:
-    data = store.get_or_none(key)
+    return _loads(store.get_or_none(key))
+
+
+def get_json_many(store: Store, keys: Iterable[str]) -> Iterator[tuple[str, Any | None]]:
+    """(key, get_json's value) for each key, in order, read concurrently (Store.get_many)."""
+    for key, data in store.get_many(keys):
+        yield key, _loads(data)
+
+
+def _loads(data: bytes | None) -> Any | None:
     if data is None:
         return None
     try:

@@ -324,6 +324,9 @@ class S3Store(Store):
         self.client  # noqa: B018 - made once here, not raced by the upload threads
         return Writer(self, min(max_inflight, POOL_CONNECTIONS))
 
+    def get_many(self, keys, max_inflight: int = 16):
+        return super().get_many(keys, min(max_inflight, POOL_CONNECTIONS))
+
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
         k = self._k(key)

@@ -225,3 +225,25 @@ def test_crop_tasks_spread_over_both_nodes_after_one_dataset_shard(dataset, tmp_
     recs = list(records(out).values())
     assert len(recs) == 2 and {r["summary"]["node"] for r in recs} == set(res["nodes"]), recs
     assert sum(r["summary"]["inputs"] for r in recs) == len(list((out / layout.INPUTS).iterdir()))
+
+
+def test_finished_records_are_read_concurrently_and_checked(tmp_path):
+    """A resume's record reads (shards and crop tasks): several GETs at once, and only the records
+    whose hash matches count; a damaged or stale one is redone, a missing one is not read."""
+    from tests.storage.test_get_many import SlowStore
+    store = SlowStore(tmp_path, delay=0.01)
+    shards = [{"id": f"opt/l/{i}-{i + 1}", "hash": f"h{i}"} for i in range(40)]
+    for i, s in enumerate(shards[:36]):
+        rec = {"id": s["id"], "hash": s["hash"] if i % 9 else "stale", "summary": {"i": i}}
+        layout.put_json(store, layout.record_key(s["id"]), rec)
+    store.put(layout.record_key(shards[1]["id"]), b"{damaged")
+    want = {s["id"]: {"i": i} for i, s in enumerate(shards[:36]) if i % 9 and i != 1}
+    assert build_mod._finished_records(store, shards) == want
+    assert store.calls == 36 and 1 < store.peak <= 16       # the 4 missing ones never read
+    tasks = [crops.CropTask(f"crops/{i:05d}", s["hash"], []) for i, s in enumerate(shards)]
+    for t, s in zip(tasks, shards):
+        if s["id"] in want:
+            layout.put_json(store, layout.record_key(t.id), {"id": t.id, "hash": t.hash, "summary": want[s["id"]]})
+    store.peak = 0
+    assert crops._done_records(store, tasks) == {t.id: want[s["id"]] for t, s in zip(tasks, shards) if s["id"] in want}
+    assert store.peak > 1

@@ -87,3 +87,19 @@ def test_mismatched_states_refuse():
         merge_states([a[0], {"L0": a[1]["L0"]}])
     with pytest.raises(ValueError, match="no state"):
         tree_merge(None, [])
+
+
+def test_merge_group_reads_ahead_and_refuses_a_missing_state(tmp_path):
+    """merge_group reads the next state while it folds the last one: the same result as
+    merge_states of the states in memory, and a missing one is a KeyError naming its key."""
+    from deepvis.cluster.merge import merge_group
+    store = LocalStore(tmp_path)
+    states, _, _ = partial_states(7, seed=5)
+    keys = [f"_build/state/data/{i:05d}.npz" for i in range(len(states))]
+    for k, s in zip(keys, states):
+        store.put(k, layout.pack_state(s))
+    merge_group(store, keys, "out.npz")
+    assert_same_state(layout.unpack_state(store.get("out.npz")), merge_states(states))
+    with pytest.raises(KeyError, match="00099"):
+        merge_group(store, keys[:2] + ["_build/state/data/00099.npz"], "bad.npz")
+    assert not store.exists("bad.npz")
