@@ -48,6 +48,7 @@ TILE = 64                 # sprite tile edge, pixels
 PER_SHEET = 256           # tiles per sprite sheet (16 x 16 -> 1024 x 1024 px)
 HISTORY_POINTS = 48       # optimization curves are downsampled to at most this many points
 HISTORY_BUDGET = 64 << 20  # bytes of completion records read for the curves, at most
+HEX = "0123456789abcdef"   # first characters of the sha256-named keys (inputs/, crops/): 16 listings
 
 
 def layer_data_key(layer: str) -> str:
@@ -482,8 +483,8 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     failed = _failed_units(manifest)
     histories = _opt_histories(store)
     # the objects rows of many units share (schema 2's crops, schema 3's input images), listed once
-    shared_present = set(store.list(f"{layout.CROPS}/"))
-    shared_present.update(store.list(f"{layout.INPUTS}/"))
+    # (hundreds of thousands of keys in a full ImageNet atlas, named by sha256: 16 listings side by side)
+    shared_present = {k for d in (layout.CROPS, layout.INPUTS) for k in store.list_many(f"{d}/{h}" for h in HEX)}
 
     old = set(store.list(f"{DATA}/"))
     written = set()

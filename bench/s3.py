@@ -15,7 +15,13 @@ use): objects/s with 1 upload in flight and with N, into the "Concurrent writes"
     .venv/bin/python bench/s3.py --reads [--inflight 1,4,16,64 --small 2000 --delay-ms 25]
 
 reads back N shard completion records the way a resumed build does (cluster.build._finished_records,
-Store.get_many with N GETs in flight), into the "Concurrent reads" section."""
+Store.get_many with N GETs in flight), into the "Concurrent reads" section.
+
+    .venv/bin/python bench/s3.py --list [--folders 24 --per-folder 1300 --delay-ms 25]
+
+lists an ImageNet-shaped S3 dataset (folders of 1,300 images) the way the build does
+(datasets.list_images: the folders side by side) and with one plain listing, as before, into the
+"Dataset listing" section."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +43,7 @@ from benchmd import replace_section  # noqa: E402  (bench/ is the script directo
 SECTION = "## Object storage"
 CONCURRENT = "## Concurrent writes"
 READS = "## Concurrent reads"
+LISTING = "## Dataset listing"
 
 
 def make_writer_class(ray):
@@ -166,7 +173,7 @@ def run_reads(args) -> list[dict]:
                     w.put(layout.record_key(sh["id"]), json.dumps({"id": sh["id"], "hash": sh["hash"],
                                                                     "summary": summary}).encode())
             args.size = len(store.get(layout.record_key(shards[0]["id"])))
-            for delay in (0, args.delay_ms):
+            for delay in [0, *args.delay_ms]:
                 with LatencyProxy(server.ports["s3"], delay / 1000) as proxy:
                     url = proxy.url if delay else server.endpoint_url
                     for n in args.inflight:
@@ -206,7 +213,7 @@ def markdown_reads(rows: list[dict], args) -> str:
              f"records of {args.size} B in a local SeaweedFS `weed mini` ({os.cpu_count()} CPUs, "
              f"{platform.machine()}, Python {platform.python_version()}; load average before/after "
              f"{args.load_before:.1f}/{args.load_after:.1f}), straight to the server and through "
-             f"`devtools/latency.py`, a loopback proxy that holds each reply {args.delay_ms} ms (a remote "
+             f"`devtools/latency.py`, a loopback proxy that holds each reply {_ms(args.delay_ms)} (a remote "
              f"store's round trip). The default is 16 in flight; 1 in flight is how every record was "
              f"read before.", "",
              "| added latency | GETs in flight | records | seconds | records/s | × 1 in flight |",
@@ -215,6 +222,69 @@ def markdown_reads(rows: list[dict], args) -> str:
         base = next(b["obj_s"] for b in rows if b["delay"] == r["delay"] and b["inflight"] == rows[0]["inflight"])
         lines.append(f"| {r['delay']} ms | {r['inflight']} | {r['objects']} | {r['seconds']:.2f} | "
                      f"{r['obj_s']:.1f} | {r['obj_s'] / base:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_list(args) -> list[dict]:
+    """An ImageNet-shaped dataset (args.folders x args.per_folder tiny objects), listed by
+    datasets.list_images (folders side by side) and by one plain Store.list (before), straight to
+    the server and through a proxy adding args.delay_ms a reply."""
+    from deepvis.storage import datasets
+    from deepvis.storage.s3 import S3Store
+    from devtools.latency import LatencyProxy
+    from devtools.s3server import SeaweedServer
+
+    rows, n = [], args.folders * args.per_folder
+    args.load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
+        server = SeaweedServer(Path(tmp) / "data", bucket="bench")
+        server.start()
+        try:
+            os.environ.update(server.env())
+            with S3Store.from_uri("s3://bench/train").writer(64) as w:
+                for f in range(args.folders):
+                    for i in range(args.per_folder):
+                        w.put(f"n{f:08d}/n{f:08d}_{i}.JPEG", b"\xff\xd8")
+            for delay in [0, *args.delay_ms]:
+                with LatencyProxy(server.ports["s3"], delay / 1000) as proxy:
+                    url = proxy.url if delay else server.endpoint_url
+                    datasets._stores.clear()
+                    for how, fn in (("one plain listing (before)", lambda: S3Store.from_uri(
+                                        "s3://bench/train", endpoint_url=url).list("")),
+                                    ("list_images: folders side by side", lambda: datasets.list_images(
+                                        "s3://bench/train", endpoint_url=url))):
+                        t = time.perf_counter()
+                        got = fn()
+                        wall = time.perf_counter() - t
+                        assert len(got) == n, (how, len(got))
+                        rows.append({"delay": delay, "how": how, "keys": n, "seconds": wall})
+                        print(f"delay={delay:3d} ms  {how:36s} {n} keys  {wall:6.2f} s", flush=True)
+            args.load_after = os.getloadavg()[0]
+        finally:
+            server.stop()
+    return rows
+
+
+def _ms(delays: list[int]) -> str:
+    return " or ".join(f"{d} ms" for d in delays)
+
+
+def markdown_list(rows: list[dict], args) -> str:
+    lines = [LISTING, "",
+             f"`bench/s3.py --list` ({time.strftime('%Y-%m-%d')}): an ImageNet-shaped S3 dataset "
+             f"({args.folders} folders of {args.per_folder} images, {args.folders * args.per_folder:,} keys) "
+             f"listed as the build's plan lists `--dataset s3://...` (`datasets.list_images`: one delimited "
+             f"LIST for the folders, then the folders' listings 16 at a time) and with one plain listing "
+             f"(1,000 keys a page, one page after another: how it was listed before), in a local SeaweedFS "
+             f"({os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; load average "
+             f"before/after {args.load_before:.1f}/{args.load_after:.1f}), straight to the server and through "
+             f"`devtools/latency.py` adding {_ms(args.delay_ms)} to each reply. ImageNet train is 1,000 such "
+             f"folders: 1,281 pages one after another.", "",
+             "| added latency | listing | keys | seconds | × the plain listing |", "|---|---|---|---|---|"]
+    for r in rows:
+        base = next(b["seconds"] for b in rows if b["delay"] == r["delay"])
+        lines.append(f"| {r['delay']} ms | {r['how']} | {r['keys']:,} | {r['seconds']:.2f} | "
+                     f"{base / r['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -279,13 +349,24 @@ def main(argv=None):
                     help="measure one process with N uploads in flight (Store.writer) instead")
     ap.add_argument("--reads", action="store_true",
                     help="measure reading completion records back as a resume does (Store.get_many) instead")
-    ap.add_argument("--delay-ms", type=int, default=25,
-                    help="with --reads: latency added to each reply by a loopback proxy (default: 25)")
+    ap.add_argument("--list", action="store_true",
+                    help="measure listing an ImageNet-shaped S3 dataset (folders side by side vs one listing)")
+    ap.add_argument("--folders", type=int, default=24, help="with --list: dataset folders")
+    ap.add_argument("--per-folder", type=int, default=1300, help="with --list: images a folder (ImageNet's)")
+    ap.add_argument("--delay-ms", type=lambda v: [int(x) for x in v.split(",")], default=[25],
+                    help="with --reads or --list: latencies added to each reply by a loopback proxy, comma-separated "
+                         "(default: 25; 0 is always measured)")
     ap.add_argument("--inflight", default="1,4,16,64",
                     help="uploads (or GETs, with --reads) in flight to compare, comma-separated")
     args = ap.parse_args(argv)
     args.writers = [int(x) for x in args.writers.split(",")]
     args.inflight = [int(x) for x in args.inflight.split(",")]
+    if args.list:
+        rows = run_list(args)
+        if not args.no_md:
+            replace_section(ROOT / "BENCHMARKS.md", LISTING, markdown_list(rows, args))
+            print(f"updated {ROOT / 'BENCHMARKS.md'} ({LISTING[3:]})")
+        return
     if args.reads:
         rows = run_reads(args)
         if not args.no_md:

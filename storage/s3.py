@@ -24,6 +24,7 @@ import io
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit, urlunsplit
 
 from deepvis.storage.errors import StoreError
@@ -359,23 +360,41 @@ class S3Store(Store):
             raise self._error(e, "head", key) from None
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self._list(prefix)[0])
+
+    def list_many(self, prefixes, max_inflight: int = 16) -> list[str]:
+        """The keys under any of prefixes, the prefixes listed side by side: one LIST is 1,000 keys
+        and 50-300 ms, so ImageNet's 1.28M names one page after another would keep the driver
+        minutes before the build starts."""
+        prefixes = sorted(set(prefixes))
+        if len(prefixes) <= 1:
+            return self.list(prefixes[0]) if prefixes else []
+        with ThreadPoolExecutor(min(max_inflight, POOL_CONNECTIONS), thread_name_prefix="store-list") as pool:
+            parts = list(pool.map(lambda p: self._list(p)[0], prefixes))
+        return sorted({k for part in parts for k in part})
+
+    def list_level(self, prefix: str = "") -> tuple[list[str], list[str]]:
+        """(keys directly under prefix, the "folders" under it, 'a/b/' style), relative to the store:
+        a delimited LIST, one page for ImageNet's 1,000 class folders."""
+        return self._list(prefix, delimiter="/")
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[str], list[str]]:
         from botocore.exceptions import BotoCoreError, ClientError
         parts = prefix.split("/")
         if prefix.startswith("/") or any(p in (".", "..") for p in parts) or "" in parts[:-1]:
             raise ValueError(f"invalid store key prefix {prefix!r}")
-        out = []
-        n = len(self._base)
+        keys, folders, n = [], [], len(self._base)
+        kw = {"Bucket": self.bucket, "Prefix": self._base + prefix, **({"Delimiter": delimiter} if delimiter else {})}
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._base + prefix)
-            for page in pages:
+            for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
                 for obj in page.get("Contents", ()):
                     k = obj["Key"]
                     if k.startswith(self._base) and not k.endswith("/"):  # skip "folder" markers
-                        out.append(k[n:])
+                        keys.append(k[n:])
+                folders += [c["Prefix"][n:] for c in page.get("CommonPrefixes", ())]
         except (BotoCoreError, ClientError) as e:
             raise self._error(e, "list", prefix or None) from None
-        return sorted(out)
+        return keys, folders
 
     def delete(self, key: str) -> None:
         # deleting a missing key is not an error (as LocalStore)

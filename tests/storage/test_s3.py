@@ -475,3 +475,92 @@ def test_persistent_throttling_gives_store_error(s3_env, fault_proxy):
     assert fault_proxy.failed == 2
     _one_line_no_traceback(ei.value, s3_env.secret_key)
     assert "SlowDown" in str(ei.value)
+
+
+def test_list_many_lists_prefixes_side_by_side(s3_store, tmp_path):
+    """list_many: the keys under any of the prefixes, each once, sorted, on SeaweedFS (many pages,
+    prefixes that overlap or match nothing) and on a local store (one walk), the same answer."""
+    from deepvis.storage.store import LocalStore
+    local = LocalStore(tmp_path)
+    names = [f"in/{h}{i:03d}.jpg" for h in "0123456789abcdef" for i in range(70)] + \
+            ["in/zz.txt", "in/a/b.jpg", "other/0.jpg", "in0.jpg"]
+    with s3_store.writer(16) as w:
+        for k in names:
+            w.put(k, b"x")
+            local.put(k, b"x")
+    hexes = [f"in/{h}" for h in "0123456789abcdef"]
+    want = sorted(k for k in names if k.startswith("in/") and k != "in/zz.txt")
+    for store in (s3_store, local):
+        assert store.list_many(hexes) == want
+        assert store.list_many(hexes + ["in/a", "in/a/"]) == want          # overlaps counted once
+        assert store.list_many(["in/q", "nothing/"]) == [] and store.list_many([]) == []
+        assert store.list_many(["in/"]) == store.list("in/") == sorted(k for k in names if k.startswith("in/"))
+
+
+def test_s3_dataset_listing_opens_folders(s3_store):
+    """An S3 dataset is listed by folder (list_level, a second level when the root has few
+    folders): the same image ids as one plain listing, and a flat prefix listed whole."""
+    from deepvis.storage import datasets
+    from deepvis.storage.s3 import S3Store
+    keys = [f"train/n{c:02d}/img_{i}.JPEG" for c in range(20) for i in range(3)] + \
+           [f"val/n{c:02d}/v_{i}.JPEG" for c in range(2) for i in range(2)] + \
+           ["top.jpg", "notes.txt", "train/loose.jpg"]
+    with s3_store.writer(16) as w:
+        for k in keys:
+            w.put(f"ds/{k}", b"x")
+    ds = S3Store(s3_store.bucket, f"{s3_store.prefix}/ds", endpoint_url=s3_store.endpoint_url)
+    assert ds.list_level("") == (["notes.txt", "top.jpg"], ["train/", "val/"])
+    assert len(ds.list_level("train/")[1]) == 20
+    assert datasets._s3_keys(ds) == ds.list("") == sorted(keys)
+    assert datasets._s3_keys(ds, depth=1) == datasets._s3_keys(ds, want=2) == sorted(keys)
+    flat = S3Store(s3_store.bucket, f"{s3_store.prefix}/ds/train/n00", endpoint_url=s3_store.endpoint_url)
+    assert datasets._s3_keys(flat) == [f"img_{i}.JPEG" for i in range(3)]
+
+
+def test_s3_dataset_listing_chooses_by_folder_size(s3_store, monkeypatch):
+    """Folders are listed side by side only when the first ones hold a page's share each (1000/16
+    keys); tiny folders are listed in one plain listing (fewer requests). Both give every key."""
+    from deepvis.storage import datasets
+    from deepvis.storage.s3 import S3Store
+    keys = [f"n{c:02d}/img_{i}.JPEG" for c in range(20) for i in range(3)]
+    with s3_store.writer(16) as w:
+        for k in keys:
+            w.put(f"dz/{k}", b"x")
+    ds = S3Store(s3_store.bucket, f"{s3_store.prefix}/dz", endpoint_url=s3_store.endpoint_url)
+    calls = []
+    real_many, real_list = S3Store.list_many, S3Store.list
+    monkeypatch.setattr(S3Store, "list_many", lambda self, p, **kw: calls.append(("many", len(p))) or real_many(self, p, **kw))
+    monkeypatch.setattr(S3Store, "list", lambda self, p="": calls.append(("list", p)) or real_list(self, p))
+    assert datasets._s3_keys(ds, want=4) == sorted(keys)
+    assert calls == [("many", 4), ("list", "")]          # 3 keys a folder < 1000 / 4: one plain listing
+    calls.clear()
+    monkeypatch.setattr(datasets, "LIST_PAGE", 8)          # 3 keys a folder >= 8 / 4: side by side
+    assert datasets._s3_keys(ds, want=4) == sorted(keys)
+    assert calls == [("many", 4), ("many", 16)]
+
+
+def test_s3_list_many_overlaps_its_listings(s3_store):
+    """The prefixes' LISTs run side by side (counted on a real S3Store whose listings are slowed)."""
+    import threading
+    import time
+    from deepvis.storage.s3 import S3Store
+
+    class Counting(S3Store):
+        running = peak = 0
+        lock = threading.Lock()
+
+        def _list(self, prefix, delimiter=None):
+            with self.lock:
+                Counting.running += 1
+                Counting.peak = max(Counting.peak, Counting.running)
+            try:
+                time.sleep(0.05)
+                return super()._list(prefix, delimiter)
+            finally:
+                with self.lock:
+                    Counting.running -= 1
+    s3_store.put("c/a1", b"x")
+    s3_store.put("c/b1", b"x")
+    store = Counting(s3_store.bucket, s3_store.prefix, endpoint_url=s3_store.endpoint_url)
+    assert store.list_many([f"c/{h}" for h in "0123456789abcdef"]) == ["c/a1", "c/b1"]
+    assert 1 < Counting.peak <= 16
