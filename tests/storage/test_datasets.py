@@ -189,3 +189,28 @@ def test_imagenet_sample_listing():
     root = dataset_root(SAMPLE)
     img = read_image(root, "n03590841/n03590841_jack-o'-lantern.JPEG")
     assert img.mode == "RGB"
+
+
+def test_list_file_ids_equal_relpath_for_every_kind_of_entry(tmp_path, monkeypatch):
+    """The list reader slices the list's directory off absolute entries under it; every id equals
+    the os.path.relpath rule (the independent reference) for entries under it, outside it, with
+    '..', '.', doubled slashes, the directory itself, and a list given by a relative path."""
+    import os
+    from deepvis.storage import datasets
+    d = tmp_path / "lists"
+    d.mkdir()
+    root = str(d)
+    entries = [f"{root}/a/b.jpg", f"{root}//a/./c.jpg", f"{root}/a/../d.jpg", f"{root}/../out.jpg",
+               f"{tmp_path}/listsx/e.jpg", f"{root}x.jpg", "/elsewhere/f.jpg", f"//{root[1:]}/g.jpg",
+               f"{root}/h i'j.jpg", "rel/k.jpg", "../up.jpg", root]
+
+    def reference(entry):
+        if not os.path.isabs(entry):
+            return os.path.normpath(entry)
+        rel = os.path.relpath(os.path.normpath(entry), root)
+        return os.path.normpath(entry) if rel == ".." or rel.startswith("../") else rel
+    (d / "list.txt").write_text("\n".join(entries) + "\n")
+    want = sorted(set(reference(e) for e in entries))
+    assert datasets.list_images(str(d / "list.txt")) == want
+    monkeypatch.chdir(tmp_path)
+    assert datasets.list_images("lists/list.txt") == want
