@@ -57,22 +57,19 @@ def crop_jpeg(data: bytes, box: tuple[int, int, int, int] | None, name: str) -> 
 
 
 def layer_status(store: Store) -> tuple[dict, list[dict]]:
-    """(manifest, per layer: expected / done / dead / failed units), from the manifest and the
-    optimization shards' completion records (`deepvis status`, deepvis.Atlas.status)."""
+    """(manifest, per layer: expected / done / dead / failed units), from the manifest and, for a
+    finished build, its units index (a few MB), else the optimization shards' completion records
+    (`deepvis status`, deepvis.Atlas.status). A whole-network build's records hold every step of
+    every unit: hundreds of MB that a status of a finished atlas need not fetch."""
     m = layout.read_manifest(store)
     rows = {l["name"]: {"layer": l["name"], "expected": len(l.get("selected") or range(l["units"])),
                         "done": 0, "dead": 0, "failed": 0} for l in m["layers"]}
-    n_presets = len(m.get("presets") or [])
-    for _, rec in layout.get_json_many(store, store.list(layout.RECORDS + "/opt/")):
-        if not rec:
-            continue
-        s = rec["summary"]
-        r = rows.get(s["layer"])
-        if r is None:
-            continue
-        units = {x["unit"] for x in s["rows"]}
-        r["done"] += len(units)
-        r["dead"] += len({x["unit"] for x in s["rows"] if x["dead"]})
+    presets = [p["name"] if isinstance(p, dict) else str(p) for p in m.get("presets") or []]
+    counts = _index_counts(store, presets) if m.get("status") != "running" and presets else None
+    for layer, (done, dead) in (counts if counts is not None else _record_counts(store)).items():
+        if layer in rows:
+            rows[layer]["done"] += done
+            rows[layer]["dead"] += dead
     for f in m.get("failed_shards", []):
         parts = f["id"].split("/")
         if len(parts) == 3 and parts[0] in ("opt", "crop") and parts[1] in rows:
@@ -80,10 +77,43 @@ def layer_status(store: Store) -> tuple[dict, list[dict]]:
             sel = [u for u in (next(l for l in m["layers"] if l["name"] == parts[1]).get("selected") or [])
                    if lo <= u <= hi]
             rows[parts[1]]["failed"] += len(sel)
-    if n_presets == 0:  # dataset-only atlas: "done" = units with top-k rows
+    if not presets:  # dataset-only atlas: "done" = units with top-k rows
         for r in rows.values():
             r["done"] = r["expected"] if m["status"] == "complete" else 0
     return m, list(rows.values())
+
+
+def _record_counts(store: Store) -> dict[str, tuple[int, int]]:
+    """layer -> (units optimized, units dead), from the completion records (a running build's)."""
+    out: dict[str, list[int]] = {}
+    for _, rec in layout.get_json_many(store, store.list(layout.RECORDS + "/opt/")):
+        if not rec:
+            continue
+        s = rec["summary"]
+        c = out.setdefault(s["layer"], [0, 0])
+        c[0] += len({x["unit"] for x in s["rows"]})
+        c[1] += len({x["unit"] for x in s["rows"] if x["dead"]})
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _index_counts(store: Store, presets: list[str]) -> dict[str, tuple[int, int]] | None:
+    """layer -> (units optimized, units dead) from index/units.parquet (a unit is optimized when a
+    preset has its dead flag, null where no record was); None when the index is missing, damaged or
+    older than these columns: the records are read instead."""
+    cols = [f"dead_{p}" for p in presets]
+    try:
+        t = layout.read_table(store, layout.UNITS, columns=["layer", *cols])
+    except (StoreError, KeyError, ValueError, OSError, pa.ArrowException):
+        return None
+    out: dict[str, list[int]] = {}
+    flags = [t.column(c).to_pylist() for c in cols]
+    for i, layer in enumerate(t.column("layer").to_pylist()):
+        seen = [f[i] for f in flags if f[i] is not None]
+        if seen:
+            c = out.setdefault(layer, [0, 0])
+            c[0] += 1
+            c[1] += any(seen)
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 class Atlas:

@@ -106,6 +106,39 @@ def test_status_shows_the_phases(reference, capsys):
     assert last.startswith("time: plan ") and " merge " in last and " viewer " in last and "; total " in last
 
 
+def test_status_of_a_finished_atlas_reads_the_index_not_the_records(reference, tmp_path):
+    """A finished atlas's status comes from index/units.parquet: the same counts the records give,
+    without fetching them (a whole network's are hundreds of MB), and a stale record of another
+    sharding does not count twice; a running build's status still reads the records."""
+    import shutil
+
+    from deepvis.storage import atlas
+    from deepvis.storage.store import LocalStore
+    out, _ = reference
+    copy = tmp_path / "a"
+    shutil.copytree(out, copy)
+    store = LocalStore(copy)
+    m, rows = atlas.layer_status(store)
+    by_records = atlas._record_counts(store)
+    assert atlas._index_counts(store, ["yosinski-3"]) == by_records
+    assert {r["layer"]: (r["done"], r["dead"]) for r in rows} == {l: by_records[l] for l in LAYERS}
+    assert all(r["done"] == len(UNITS) for r in rows)
+    stale = layout.get_json(store, layout.record_key("opt/_fc/0-1"))
+    layout.put_json(store, layout.record_key("opt/_fc/0-0"), stale)    # an older build's shard of unit 0-1
+    assert atlas.layer_status(store)[1] == rows
+    read = []
+    real_get = LocalStore.get
+    store.get = lambda k: read.append(k) or real_get(store, k)
+    atlas.layer_status(store)
+    assert not [k for k in read if k.startswith(layout.RECORDS)]
+    layout.put_json(store, layout.MANIFEST, {**m, "status": "running"})
+    running = {r["layer"]: r["done"] for r in atlas.layer_status(store)[1]}
+    assert running["_fc"] == len(UNITS) + 2 and [k for k in read if k.startswith(layout.RECORDS)]
+    store.delete(layout.UNITS)
+    layout.put_json(store, layout.MANIFEST, m)                          # no index: the records
+    assert {r["layer"]: r["done"] for r in atlas.layer_status(store)[1]} == running
+
+
 def test_one_actor_same_bytes_as_two(reference, small_dataset, tmp_path):
     out, _ = reference
     summary = run_build(cfg_for(tmp_path, small_dataset, actors=1))
