@@ -25,6 +25,7 @@ The decoding itself is storage.images (RGB out, no EXIF re-orientation), shared 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
@@ -185,7 +186,8 @@ def _s3_keys(store, depth: int = 2, want: int = 16) -> list[str]:
     for _ in range(depth - 1):
         if not folders or len(folders) >= want:
             break
-        opened = [store.list_level(f) for f in folders]
+        with ThreadPoolExecutor(len(folders)) as pool:          # fewer than `want`: side by side too
+            opened = list(pool.map(store.list_level, folders))
         keys += [k for ks, _ in opened for k in ks]
         folders = [f for _, fs in opened for f in fs]
     if not folders:
