@@ -339,11 +339,14 @@ def projection(data: dict) -> tuple[dict, str]:
                           batch_size=row["batch"])
         plan = make_plan(cfg)
         make_shards(plan, gpu=True, actors=8)
+        # crop tasks on every CPU of the 8 GPUs' nodes: as many a GPU as the measured machine has
         est = estimate(plan, device="cuda", actors=8, local_ray=False, s3=True, plan_seconds=0.0,
-                       static_files=_static_files(), depths=_layer_depths(cfg, plan), costs=costs)
+                       static_files=_static_files(), depths=_layer_depths(cfg, plan), costs=costs,
+                       cpus=8 * int(data["environment"].get("cpus") or 1))
     units = sum(len(l["selected"]) for l in plan.layers)
     return {"units": units, "layers": len(plan.layers), "seconds": est.seconds, "objects": est.objects.total(),
             "decoder": row["decoder"], "batch": row["batch"], "image_ms": 1000 * image_s,
+            "cpus": 8 * int(data["environment"].get("cpus") or 1),
             "unit_step_ms_224": 1000 / opt["unit_steps_per_s"]}, ""
 
 
@@ -405,7 +408,8 @@ def report(path: str, benchmarks: str) -> int:
         text.append(f"**Projection, not a measurement**: GoogLeNet (torchvision's; the weights do not change the cost), all "
                     f"{proj['layers']} default layers ({proj['units']:,} units), the four paper presets at "
                     f"their own step counts, ImageNet train ({IMAGENET_TRAIN:,} images, decoder "
-                    f"{proj['decoder']}, batches of {proj['batch']}), 8 GPU actors, into S3: "
+                    f"{proj['decoder']}, batches of {proj['batch']}), 8 GPU actors on nodes with {proj['cpus']} "
+                    f"CPUs in all (this machine's per GPU; the crop tasks use them), into S3: "
                     f"**{s['total'] / 3600:.1f} h** (cluster.estimate with this run's costs: "
                     f"{proj['unit_step_ms_224']:.3f} ms a unit-step at 224 px, {proj['image_ms']:.3f} ms a "
                     f"dataset image; the rest from its cuda row). Phases (s): "

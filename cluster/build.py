@@ -457,7 +457,8 @@ def dry_run(cfg: BuildConfig) -> dict:
     slowdown = 1.0 if device.startswith("cuda") else load_factor(os.getloadavg()[0], os.cpu_count() or 1, n_actors)
     est = estimate(plan, device=device, actors=n_actors, local_ray=local, s3=cfg.out.startswith("s3://"),
                    plan_seconds=plan_seconds, static_files=_static_files(), slowdown=slowdown,
-                   depths=_layer_depths(cfg, plan) if plan.data_shards else None)
+                   depths=_layer_depths(cfg, plan) if plan.data_shards else None,
+                   cpus=(os.cpu_count() or 1) if local else None)   # a remote cluster's: unknown here
     est.shards_done = _dry_done(cfg, plan)
     return {"dry_run": True, "atlas": cfg.out, "model": plan.model["name"],
             "layers": [l["name"] for l in plan.layers],

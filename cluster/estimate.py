@@ -239,16 +239,18 @@ def schedule_crops(items: list[float], n: int, sweep: float) -> float:
 
 def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_seconds: float,
              static_files: int, depths: dict[str, float] | None = None, slowdown: float = 1.0,
-             costs: dict[str, DeviceCosts] | None = None) -> Estimate:
+             costs: dict[str, DeviceCosts] | None = None, cpus: int | None = None) -> Estimate:
     """Objects, bytes and seconds per phase of building `plan` (shards made) on `actors` actors.
     depths: a layer's depth in the model, 0..1 (receptive-field sweeps); slowdown: load_factor()
-    for CPU builds (the measured plan_seconds already include it)."""
+    for CPU builds (the measured plan_seconds already include it); cpus: the cluster's CPUs, which
+    the crop tasks spread over (default: one an actor, the least a GPU node has)."""
     table = costs or COSTS
     c = table["cuda" if str(device).startswith("cuda") else "cpu"]
     write = c.write_s3 if s3 else c.write_local
     # the crop tasks spread over the cluster's CPUs: one actor a core on CPU; on GPUs, at least a CPU
     # an actor (a node has more)
-    n_crop = crop_shard_count(plan, actors)
+    cpus = max(actors, cpus or actors)
+    n_crop = crop_shard_count(plan, cpus)
     o = count_objects(plan, n_crop, static_files)
     opt = [_opt_shard_seconds(plan, s, c, write) for s in plan.opt_shards]
     # the dataset forward stops after the deepest selected layer: its depth's share of a full forward
@@ -260,7 +262,7 @@ def estimate(plan, *, device: str, actors: int, local_ray: bool, s3: bool, plan_
     sec = {
         "startup": (c.ray_start if local_ray else 0.0) + (c.actor_start if busy or crops else 0.0),
         "optimize_and_dataset": schedule(busy, actors),
-        "crops": schedule_crops(crops, actors, c.crop_sweep),
+        "crops": schedule_crops(crops, cpus, c.crop_sweep),
         "index_and_viewer": c.tail + tiles * c.tile + (o.index + o.manifest + o.viewer) * write
         + _entries(plan) * c.topk_row,
     }

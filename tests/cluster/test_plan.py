@@ -194,3 +194,26 @@ def test_dataset_shard_caps_follow_the_device(tmp_path):
     assert len(gpu) == 4 and max(gpu) <= 4096 and all(n % 32 == 0 for n in gpu[:-1])   # 313 batches of 32
     assert len(cpu) == 50 and max(cpu) <= 200 and all(n % 8 == 0 for n in cpu)         # 1,250 batches of 8
     assert len(sizes(True, shard_images=1000)) == 10 and len(sizes(False, shard_images=1000)) == 10
+
+
+def test_crop_estimate_spreads_over_the_clusters_cpus(tmp_path):
+    """The crop tasks run on every CPU of the cluster, not one an actor: given the CPUs, the estimate
+    makes the tasks the build would (crops.task_size over those CPUs) and schedules them on all."""
+    from deepvis.cluster import crops
+    from deepvis.cluster.build import make_plan, make_shards
+    from deepvis.cluster.estimate import crop_shard_count, estimate
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"n{i % 10:08d}/{i:06d}.JPEG\n" for i in range(20_000)))
+    plan = make_plan(BuildConfig(layers="_fc", units="0:3", presets="none", dataset=str(lst),
+                                 out=str(tmp_path / "a"), progress=False))
+    make_shards(plan, gpu=True, actors=8)
+
+    def est(cpus):
+        return estimate(plan, device="cuda", actors=8, local_ray=False, s3=True, plan_seconds=0,
+                        static_files=3, cpus=cpus)
+    eight, many = est(None), est(128)
+    assert eight.shards["crop"] == crop_shard_count(plan, 8) == -(-20_000 // crops.task_size(20_000, 8))
+    assert many.shards["crop"] == -(-20_000 // crops.task_size(20_000, 128)) >= eight.shards["crop"]
+    sweep = 22.0
+    assert (many.seconds["crops"] - sweep) < (eight.seconds["crops"] - sweep) / 10   # 16x the CPUs
+    assert est(4).seconds == eight.seconds          # never fewer CPUs than actors
