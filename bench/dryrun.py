@@ -44,7 +44,9 @@ command (Python and torch start-up, model load, layer resolution, dataset listin
 CPU time. *A*: the full default layer set (66 layers, 23,816 units) over 100 sample images, built
 for real after its dry run (`--layers-a` narrows it, `--only` picks one configuration). The object
 count is an upper bound: one input image per distinct source image of the top/bottom lists (atlas
-schema 3), at most every image of the dataset. GPU rows of the
+schema 3), at most every image of the dataset. *C*: GoogLeNet (torchvision's, random weights: the
+same cost) over A's images, all its default layers: the cost table is efficientnet_lite0's (a
+dataset image, a unit-step), so this row shows how far it carries to another network. GPU rows of the
 cost table are derived from the H200 sections above, not measured by this benchmark."""
 
 
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", action="store_true", help="measure the CPU cost table and print it")
     p.add_argument("--images", type=int, default=100, help="dataset images of configuration A")
     p.add_argument("--layers-a", default=None, help="layers of configuration A (default: all)")
-    p.add_argument("--only", choices=("A", "B"), default=None)
+    p.add_argument("--only", choices=("A", "B", "C"), default=None)
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
@@ -235,7 +237,9 @@ def main(argv=None) -> int:
             rows.append(measure("A (full)", ["--presets", "none", "--dataset", ds], tmp, full=True))
             print(json.dumps(rows[-1]), flush=True)
         configs = {"A": ["--presets", "none", "--dataset", ds] + (["--layers", a.layers_a] if a.layers_a else []),
-                   "B": ["--presets", "yosinski-3", "--steps", "2", "--size", "32", "--layers", B_LAYERS]}
+                   "B": ["--presets", "yosinski-3", "--steps", "2", "--size", "32", "--layers", B_LAYERS],
+                   # another network: the cost table is efficientnet_lite0's; how far it carries
+                   "C": ["--model", "torchvision:googlenet", "--weights", "none", "--presets", "none", "--dataset", ds]}
         for name, args in configs.items():
             if a.only in (None, name):
                 rows.append(measure(name, args, tmp))

@@ -49,14 +49,14 @@ class DeviceCosts:
 COSTS: dict[str, DeviceCosts] = {
     "cpu": DeviceCosts(
         name="cpu (x86_64, 1 torch thread per actor)",
-        source="bench/dryrun.py --calibrate on a 2-core AMD EPYC, 2026-12-03, measured under load ~16 "
-               "and divided by its load_factor (8): idle-machine figures; crop_sweep, input_image, tile and "
-               "actor_start from the quiet full default-layer build of efficientnet_lite0 (100 images: "
-               "receptive sweep 18.5-25 s, viewer 15-17 s; schema 3's inputs: 0.72 s for 100 images in "
-               "2 tasks on 2 cores, bench/fullnet.py)",
-        ray_start=3.0, actor_start=4.0, opt_unit_step=0.0057, opt_modern_factor=1.5,
-        opt_image=0.025, opt_shard=0.05, image_forward=0.10, crop_sweep=22.0, input_image=0.014,
-        tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        source="bench/dryrun.py --calibrate on a 2-core AMD EPYC, 2026-12-04, idle (load 0.26): "
+               "opt_unit_step, opt_image, image_forward, write_local; crop_sweep and tile from the quiet "
+               "full default-layer build of efficientnet_lite0 (100 images, bench/fullnet.py, 2026-12-04: "
+               "receptive sweep 14.2 s, viewer 7.9 s for 23,816 units); input_image: schema 3's inputs, "
+               "0.72 s for 100 images in 2 tasks on 2 cores",
+        ray_start=3.0, actor_start=4.0, opt_unit_step=0.0029, opt_modern_factor=1.5,
+        opt_image=0.021, opt_shard=0.05, image_forward=0.08, crop_sweep=14.0, input_image=0.014,
+        tile=0.00033, write_local=0.00012, write_s3=0.0036, topk_row=0.00001,
         tail=2.0, png_bytes_at_ref=9000, input_bytes=16000, record_row_bytes=1000, tile_bytes=3500),
     "cuda": DeviceCosts(
         name="cuda (NVIDIA H200; derived from BENCHMARKS.md, not calibrated)",
@@ -64,8 +64,8 @@ COSTS: dict[str, DeviceCosts] = {
                "0.45 ms per unit-step), Dataset pass cuda H200 (1,182 images/s); the receptive sweep "
                "(a CPU task), crops, tiles and writes: the CPU's",
         ray_start=3.0, actor_start=8.0, opt_unit_step=0.000037, opt_modern_factor=1.5,
-        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=22.0, input_image=0.014,
-        tile=0.0007, write_local=0.00037, write_s3=0.0036, topk_row=0.00001,
+        opt_image=0.004, opt_shard=0.05, image_forward=0.00085, crop_sweep=14.0, input_image=0.014,
+        tile=0.00033, write_local=0.00012, write_s3=0.0036, topk_row=0.00001,
         tail=2.0, png_bytes_at_ref=9000, input_bytes=16000, record_row_bytes=1000, tile_bytes=3500),
 }
 

@@ -214,6 +214,7 @@ def test_crop_estimate_spreads_over_the_clusters_cpus(tmp_path):
     eight, many = est(None), est(128)
     assert eight.shards["crop"] == crop_shard_count(plan, 8) == -(-20_000 // crops.task_size(20_000, 8))
     assert many.shards["crop"] == -(-20_000 // crops.task_size(20_000, 128)) >= eight.shards["crop"]
-    sweep = 22.0
+    from deepvis.cluster.estimate import COSTS
+    sweep = COSTS["cuda"].crop_sweep
     assert (many.seconds["crops"] - sweep) < (eight.seconds["crops"] - sweep) / 10   # 16x the CPUs
     assert est(4).seconds == eight.seconds          # never fewer CPUs than actors
