@@ -61,6 +61,9 @@ class _Run:
     inflight: dict = field(default_factory=dict)   # run() ref -> (actor, shard)
 
 
+CLOSE_TIMEOUT = 20.0   # seconds the actors get to close their decode processes at shutdown
+
+
 class ShardPool:
     def __init__(self, make_actor: Callable[[], "ray.actor.ActorHandle"], n_actors: int, max_attempts: int = 3,
                  on_actor: Callable[[object, dict], None] | None = None,
@@ -199,6 +202,15 @@ class ShardPool:
             r.queue.append(shard)
 
     def shutdown(self) -> None:
+        # let the actors close what they started first (a ShardWorker's decode processes): killed
+        # with them still running, they die in the wrong order and the actor's stderr says
+        # "resource_tracker: process died unexpectedly ... might leak"; a hung actor is killed anyway
+        closing = [a.close.remote() for a in self.actors if hasattr(a, "close")]
+        if closing:
+            try:
+                ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT)
+            except Exception:  # noqa: BLE001 - a dead actor's call: it is killed below regardless
+                pass
         for a in list(self.actors):
             self._retire(a)
         for a, _ in self.starting.values():   # never placed: free the request

@@ -169,6 +169,11 @@ class ShardWorker:
         except (BrokenProcessPool, RuntimeError):   # RuntimeError: submit after the pool's shutdown
             return None
 
+    def close(self) -> bool:
+        """Stop the decode processes (ShardPool.shutdown calls this before it kills the actor)."""
+        self._close_decoder()
+        return True
+
     def _close_decoder(self) -> None:
         with self._decoder_lock:
             if self.decoder is not None:

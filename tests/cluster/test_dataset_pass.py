@@ -96,6 +96,19 @@ def test_dataset_shard_equals_the_host_path(worker, dataset):
     assert_same(stored(worker, shard), host_reference(worker, shard, dataset))
 
 
+def test_close_stops_the_decode_processes_and_a_later_shard_restarts_them(worker, dataset):
+    """ShardWorker.close (ShardPool.shutdown calls it before killing the actor): the decode processes
+    exit while the actor is whole; a shard after it starts a fresh pool."""
+    worker.run(shard_for(worker, dataset, sid="data/close-1"))
+    pids = worker.decoder.pids()
+    assert worker.close() is True and worker.decoder is None
+    for pid in pids:                                   # gone: not even a zombie left to reap
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    worker.run(shard_for(worker, dataset, sid="data/close-2"))
+    assert len(worker.decoder.pids()) == worker.decoders and not set(pids) & set(worker.decoder.pids())
+
+
 def test_killed_decode_process_gets_the_shard_redone(worker, dataset, monkeypatch):
     shard = shard_for(worker, dataset, batch_size=3, sid="data/00001")
     worker.run({**shard, "id": "data/ref"})

@@ -36,6 +36,14 @@ class Echo:
         return {"pid": os.getpid(), "id": shard["id"]}
 
 
+class Closing(Echo):
+    """An Echo whose close() leaves a mark (ShardWorker.close stops its decode processes)."""
+
+    def close(self) -> bool:
+        (self.dir.parent / f"closed-{os.getpid()}").touch()
+        return True
+
+
 def maker(ray, tmp_path, **opts):
     remote = ray.remote(Echo).options(num_cpus=0.25, max_concurrency=2, max_restarts=0, **opts)
     return lambda: remote.remote(str(tmp_path))
@@ -133,3 +141,18 @@ def test_build_that_can_never_place_an_actor_ends_with_one_line(tmp_path):
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert "1 of 1 actors could not be placed within 3 s (asked: 1 CPU, 1 GPU each; the cluster has" in lines[0]
+
+
+def test_shutdown_lets_every_actor_close_before_it_is_killed(ray_cluster, tmp_path):
+    """ShardPool.shutdown calls each actor's close() and waits for it, then kills the actors: what
+    an actor started (decode processes) ends in order, not killed under it."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    remote = ray_cluster.remote(Closing).options(num_cpus=0.25, max_concurrency=2, max_restarts=0)
+    pool = ShardPool(lambda: remote.remote(str(barrier)), 2)
+    done, failed = run(pool, [{"id": f"data/{i}", "barrier": 2} for i in range(4)])
+    pids = {d["pid"] for d in done.values()}
+    assert failed == {} and len(pids) == 2
+    pool.shutdown()
+    assert {int(p.name.split("-")[1]) for p in tmp_path.glob("closed-*")} == pids
+    assert pool.actors == []
