@@ -354,6 +354,7 @@ def _prepare(b: _Build) -> None:
     b.done = _finished_records(b.store, plan.opt_shards + plan.data_shards)
     b.todo = [s for s in plan.opt_shards + plan.data_shards if s["id"] not in b.done]
     b.skipped = len(plan.opt_shards) + len(plan.data_shards) - len(b.todo)
+    b.log(_plan_line(plan, n_actors, "num_gpus" in opts, b.phases.seconds["plan"]))
     if b.skipped:
         b.log(f"resuming: {b.skipped} finished shard(s) skipped, {len(b.todo)} to compute")
     # credentials never travel with the store (it pickles without them): actors use their own AWS
@@ -363,6 +364,17 @@ def _prepare(b: _Build) -> None:
     b.make_actor = lambda: remote.remote(cfg.model, cfg.weights, b.store, cfg.device, threads,  # noqa: E731
                                          cfg.dataset, cfg.presets_file, cfg.endpoint_url,
                                          precision=cfg.precision, decoder=cfg.decoder)
+
+
+def _plan_line(plan: Plan, actors: int, gpu: bool, seconds: float) -> str:
+    """What the build will do, said before its first actor starts (listing a large dataset and
+    planning take a while: the user sees it has begun)."""
+    units = sum(len(l["selected"]) for l in plan.layers)
+    presets = ", ".join(p["name"] for p in plan.presets) or "none"
+    images = f"{len(plan.images):,} images" if plan.data_shards else "no dataset"
+    return (f"plan: {units:,} units in {len(plan.layers)} layers, presets {presets}, {images}: "
+            f"{len(plan.opt_shards):,} optimization and {len(plan.data_shards):,} dataset shards for "
+            f"{actors} {'GPU' if gpu else 'CPU'} actor(s) ({seconds:.1f} s)")
 
 
 def _make_pool(b: _Build):
@@ -408,9 +420,12 @@ def _compute(b: _Build) -> tuple[dict | None, object]:
             b.run_shards("dataset", [s for s in plan.data_shards if s["id"] in todo], b.finished)
         finally:
             b.close_pool()   # the merge's tasks need the CPUs the actors hold
+            b.bars.close()   # the passes' bars: the messages below go on lines of their own
         if plan.data_shards and not any(s["id"] in b.failed for s in plan.data_shards):
             with b.phases("merge"):
                 merged = _merge_dataset(b.store, plan)
+            b.log(f"merge: {len(plan.data_shards):,} dataset shard state(s) merged "
+                  f"({b.phases.seconds['merge']:.1f} s)")
             with b.phases("crops"):   # Ray tasks on every node's CPUs (the pool is closed)
                 crop_done = run_crop_phase(b.store, plan, merged, b.log, receptive)
             b.failed.update(crop_done.failed)
@@ -438,6 +453,7 @@ def _finish(b: _Build, merged: dict | None, crop_done: dict) -> dict:
         return summary
     with b.phases("index"):
         summarize()                   # the viewer reads the manifest
+    b.log(f"viewer: publishing {len(plan.layers)} layer(s)")
     with b.phases("viewer"):
         _publish_viewer(store)
     return summarize()                # again, now with the viewer's seconds

@@ -141,8 +141,13 @@ def test_status_of_a_finished_atlas_reads_the_index_not_the_records(reference, t
 
 def test_one_actor_same_bytes_as_two(reference, small_dataset, tmp_path):
     out, _ = reference
-    summary = run_build(cfg_for(tmp_path, small_dataset, actors=1))
+    lines: list[str] = []
+    summary = run_build(cfg_for(tmp_path, small_dataset, actors=1), log=lines.append)
     assert summary["status"] == "complete"
+    # what the build is about to do comes first, then a line as each later phase begins or ends
+    assert lines[0].startswith(f"plan: {len(LAYERS) * len(UNITS)} units in {len(LAYERS)} layers, presets yosinski-3, "
+                               f"{summary['images']} images: 6 optimization and ") and "for 1 CPU actor(s)" in lines[0]
+    assert [l.split(":")[0] for l in lines] == ["plan", "merge", "crops", "viewer"], lines
     a, b = atlas_files(out), atlas_files(tmp_path)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
