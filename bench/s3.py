@@ -210,9 +210,7 @@ def markdown_reads(rows: list[dict], args) -> str:
              f"shards (`cluster.build._finished_records`: one LIST, then every completion record read "
              f"through `Store.get_many` with N GETs in flight; `deepvis status`, the crop phase's resume, "
              f"the tree merge and the viewer's optimization curves read the same way) — {args.small} "
-             f"records of {args.size} B in a local SeaweedFS `weed mini` ({os.cpu_count()} CPUs, "
-             f"{platform.machine()}, Python {platform.python_version()}; load average before/after "
-             f"{args.load_before:.1f}/{args.load_after:.1f}), straight to the server and through "
+             f"records of {args.size} B in {_where(args)}, straight to the server and through "
              f"`devtools/latency.py`, a loopback proxy that holds each reply {_ms(args.delay_ms)} (a remote "
              f"store's round trip). The default is 16 in flight; 1 in flight is how every record was "
              f"read before.", "",
@@ -265,6 +263,11 @@ def run_list(args) -> list[dict]:
     return rows
 
 
+def _where(args) -> str:
+    return (f"a local SeaweedFS `weed mini` ({os.cpu_count()} CPUs, {platform.machine()}, Python "
+            f"{platform.python_version()}; load average before/after {args.load_before:.1f}/{args.load_after:.1f})")
+
+
 def _ms(delays: list[int]) -> str:
     return " or ".join(f"{d} ms" for d in delays)
 
@@ -275,9 +278,8 @@ def markdown_list(rows: list[dict], args) -> str:
              f"({args.folders} folders of {args.per_folder} images, {args.folders * args.per_folder:,} keys) "
              f"listed as the build's plan lists `--dataset s3://...` (`datasets.list_images`: one delimited "
              f"LIST for the folders, then the folders' listings 16 at a time) and with one plain listing "
-             f"(1,000 keys a page, one page after another: how it was listed before), in a local SeaweedFS "
-             f"({os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; load average "
-             f"before/after {args.load_before:.1f}/{args.load_after:.1f}), straight to the server and through "
+             f"(1,000 keys a page, one page after another: how it was listed before), in {_where(args)}, "
+             f"straight to the server and through "
              f"`devtools/latency.py` adding {_ms(args.delay_ms)} to each reply. ImageNet train is 1,000 such "
              f"folders: 1,281 pages one after another.", "",
              "| added latency | listing | keys | seconds | × the plain listing |", "|---|---|---|---|---|"]
@@ -333,10 +335,6 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    replace_section(path, SECTION, section)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--small", type=int, default=2000, help="number of small objects per configuration")
@@ -361,29 +359,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.writers = [int(x) for x in args.writers.split(",")]
     args.inflight = [int(x) for x in args.inflight.split(",")]
-    if args.list:
-        rows = run_list(args)
-        if not args.no_md:
-            replace_section(ROOT / "BENCHMARKS.md", LISTING, markdown_list(rows, args))
-            print(f"updated {ROOT / 'BENCHMARKS.md'} ({LISTING[3:]})")
-        return
-    if args.reads:
-        rows = run_reads(args)
-        if not args.no_md:
-            replace_section(ROOT / "BENCHMARKS.md", READS, markdown_reads(rows, args))
-            print(f"updated {ROOT / 'BENCHMARKS.md'} ({READS[3:]})")
-        return
-    if args.concurrent:
-        rows = run_concurrent(args)
-        if not args.no_md:
-            replace_section(ROOT / "BENCHMARKS.md", CONCURRENT, markdown_concurrent(rows, args))
-            print(f"updated {ROOT / 'BENCHMARKS.md'} ({CONCURRENT[3:]})")
-        return
-    rows = run(args)
+    mode = ("list" if args.list else "reads" if args.reads else "concurrent" if args.concurrent else "writers")
+    measure, render, heading = {"list": (run_list, markdown_list, LISTING),
+                                "reads": (run_reads, markdown_reads, READS),
+                                "concurrent": (run_concurrent, markdown_concurrent, CONCURRENT),
+                                "writers": (run, markdown, SECTION)}[mode]
+    rows = measure(args)
     if not args.no_md:
-        write_section(ROOT / "BENCHMARKS.md", markdown(rows, args))
-        print(f"updated {ROOT / 'BENCHMARKS.md'} ({SECTION[3:]})")
-
+        replace_section(ROOT / "BENCHMARKS.md", heading, render(rows, args))
+        print(f"updated {ROOT / 'BENCHMARKS.md'} ({heading[3:]})")
 
 if __name__ == "__main__":
     main()
