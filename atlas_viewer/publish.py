@@ -26,6 +26,7 @@ No torch here (runs in the build driver): pyarrow, numpy and PIL only. Writes go
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -490,17 +491,20 @@ def publish(store: Store, tile: int = TILE, per_sheet: int = PER_SHEET) -> dict:
     written = set()
     layers = []
     cache = _TileCache()            # shared by the layers: their top crops repeat across layers too
-    for l in manifest.get("layers", []):
-        data, summary = _layer_data(store, manifest, l, presets, units_rows,
-                                    None if topk_by_layer is None else topk_by_layer.get(l["name"], []),
-                                    failed, histories, tile, per_sheet, version, shared_present, cache)
-        key = layer_data_key(l["name"])
-        store.put(key, _dumps(data))
-        written.add(key)
-        for p, names in data["sheets"].items():
-            written.update(f"{DATA}/sprites/{l['name']}/{n}" for n in names if n)
-        summary["file"] = key[len(DATA) + 1:]
-        layers.append(summary)
+    # a layer's JSON uploads while the next layer's sheets are made; model.json, which names them,
+    # is written after every one of them is in the store
+    with store.writer() as w:
+        for l in manifest.get("layers", []):
+            data, summary = _layer_data(store, manifest, l, presets, units_rows,
+                                        None if topk_by_layer is None else topk_by_layer.get(l["name"], []),
+                                        failed, histories, tile, per_sheet, version, shared_present, cache)
+            key = layer_data_key(l["name"])
+            w.put(key, functools.partial(_dumps, data))
+            written.add(key)
+            for p, names in data["sheets"].items():
+                written.update(f"{DATA}/sprites/{l['name']}/{n}" for n in names if n)
+            summary["file"] = key[len(DATA) + 1:]
+            layers.append(summary)
 
     out = _model_json(manifest, version, layers, has_topk=topk_t is not None, has_units=units_t is not None,
                       tile=tile, per_sheet=per_sheet)

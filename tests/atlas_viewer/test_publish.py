@@ -300,3 +300,24 @@ def test_schema3_tiles_with_an_input_cache_too_small_for_one_image(tmp_path):
     for n in range(3):
         got = np.asarray(Image.open(facts["root"] / pub.sprite_key(OUT, pub.TOP_VIEW, n)).convert("RGB"))
         assert np.array_equal(got, _expected_top_sheet(facts["root"], d, n, per=4)), n
+
+
+def test_layer_files_upload_concurrently_and_model_json_comes_last(tmp_path):
+    """Every layer's JSON is written by the store's writer (upload threads, not one blocking PUT after
+    another), and model.json, which names them, only after all of them are in the store."""
+    import threading
+
+    facts = make_synthetic_atlas(tmp_path / "atlas", big_units=20)
+    order: list[tuple[str, str]] = []
+
+    class Recording(LocalStore):
+        def put(self, key, data):
+            order.append((key, threading.current_thread().name))
+            super().put(key, data)
+    store = Recording(facts["root"])
+    m = pub.publish(store)
+    keys = [k for k, _ in order]
+    layer_keys = [pub.layer_data_key(l["name"]) for l in m["layers"]]
+    assert set(layer_keys) <= set(keys)
+    assert keys.index(f"{pub.DATA}/model.json") > max(keys.index(k) for k in layer_keys)
+    assert all(t.startswith("store-put") for k, t in order if k in layer_keys)
