@@ -556,14 +556,7 @@ def _dry_done(cfg: BuildConfig, plan: Plan) -> dict[str, int]:
 
 def _finished_records(store: Store, shards: list[dict]) -> dict[str, dict]:
     """Shard id -> summary, for the shards whose completion record matches their current hash."""
-    present = set(store.list(layout.RECORDS + "/"))
-    by_key = {layout.record_key(s["id"]): s for s in shards}
-    out = {}
-    for key, rec in layout.get_json_many(store, [k for k in by_key if k in present]):
-        s = by_key[key]
-        if rec and rec.get("hash") == s["hash"]:
-            out[s["id"]] = rec["summary"]
-    return out
+    return layout.matching_records(store, layout.RECORDS + "/", {s["id"]: s["hash"] for s in shards})
 
 
 def _merge_dataset(store: Store, plan: Plan) -> dict:

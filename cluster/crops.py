@@ -229,14 +229,7 @@ def _task_cpus() -> float:
 
 
 def _done_records(store: Store, tasks: list[CropTask]) -> dict[str, dict]:
-    present = set(store.list(layout.RECORDS + "/crops/"))
-    by_key = {layout.record_key(t.id): t for t in tasks}
-    out = {}
-    for key, rec in layout.get_json_many(store, [k for k in by_key if k in present]):
-        t = by_key[key]
-        if rec and rec.get("hash") == t.hash:
-            out[t.id] = rec["summary"]
-    return out
+    return layout.matching_records(store, layout.RECORDS + "/crops/", {t.id: t.hash for t in tasks})
 
 
 # ---------------------------------------------------------------- the phase (driver)

@@ -97,6 +97,19 @@ def get_json_many(store: Store, keys: Iterable[str]) -> Iterator[tuple[str, Any 
         yield key, _loads(data)
 
 
+def matching_records(store: Store, prefix: str, hashes: dict[str, str]) -> dict[str, dict]:
+    """Shard id -> summary of the completion records under `prefix` whose hash is the shard's current
+    one (`hashes`: id -> hash); a missing, damaged or stale record is left out (the shard is redone).
+    One LIST, then only the present records, read concurrently."""
+    present = set(store.list(prefix))
+    ids = {record_key(i): i for i in hashes}
+    out = {}
+    for key, rec in get_json_many(store, [k for k in ids if k in present]):
+        if rec and rec.get("hash") == hashes[ids[key]]:
+            out[ids[key]] = rec["summary"]
+    return out
+
+
 def _loads(data: bytes | None) -> Any | None:
     if data is None:
         return None
